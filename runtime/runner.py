@@ -1,0 +1,88 @@
+"""ModelRunner: SchedulerOutput in, sampled tokens out; the only code that builds tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bucketing import Bucket
+from runtime.backends import Backend
+from runtime.sampler import RequestState, Sampler
+from scheduler import ModelRunnerOutput, SchedulerOutput
+
+
+@dataclass(frozen=True)
+class BucketedBatch:
+    """A step's rows padded to its bucket; ``rows[i]`` is where scheduled row i sits."""
+
+    bucket: Bucket
+    input_ids: torch.Tensor  # [B, T]
+    cache_ids: torch.Tensor  # [B, T]
+    start_ids: torch.Tensor  # [B]
+    last_token_id: torch.Tensor  # [B]
+    rows: list[int]
+
+    @classmethod
+    def pack(cls, out: SchedulerOutput, scratch_slot: int) -> BucketedBatch:
+        """Prefill: rows stacked, right-padded, padding rows in the scratch slot.
+        Decode: row i is slot i (transformers-neuronx's layout); free slots are padding."""
+        b = out.bucket
+        if out.is_prefill:
+            ids = [list(r.token_ids) + [0] * (b.seq_len - len(r.token_ids)) for r in out.rows]
+            ids += [[0] * b.seq_len] * (b.batch_size - len(out.rows))
+            slots = [r.slot for r in out.rows] + [scratch_slot] * (b.batch_size - len(out.rows))
+            last = [len(r.token_ids) - 1 for r in out.rows] + [0] * (b.batch_size - len(out.rows))
+            return cls(
+                bucket=b,
+                input_ids=torch.tensor(ids),
+                cache_ids=torch.arange(b.seq_len).expand(b.batch_size, -1),
+                start_ids=torch.tensor(slots),
+                last_token_id=torch.tensor(last),
+                rows=list(range(len(out.rows))),
+            )
+        ids = [0] * b.batch_size
+        pos = [0] * b.batch_size
+        for r in out.rows:
+            ids[r.slot] = r.token_ids[0]
+            pos[r.slot] = r.start_pos
+        return cls(
+            bucket=b,
+            input_ids=torch.tensor(ids).unsqueeze(1),
+            cache_ids=torch.tensor(pos).unsqueeze(1),
+            start_ids=torch.arange(b.batch_size),
+            last_token_id=torch.zeros(b.batch_size, dtype=torch.long),
+            rows=[r.slot for r in out.rows],
+        )
+
+
+class ModelRunner:
+    """Keeps per-request sampling state, packs each step into its bucket, runs the backend and
+    samples. Plain lists leave; no tensor crosses into the scheduler."""
+
+    def __init__(self, backend: Backend, sampler: Sampler | None = None) -> None:
+        self.backend = backend
+        self.sampler = sampler or Sampler()
+        self.states: dict[str, RequestState] = {}
+
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        for rid in out.finished_request_ids:
+            self.states.pop(rid, None)
+        for new in out.new_requests:
+            self.states[new.request_id] = RequestState.create(
+                new.sampling_params, new.prompt_token_ids, self.backend.device
+            )
+        batch = BucketedBatch.pack(out, self.backend.scratch_slot)
+        logits = self.backend.forward(
+            batch.input_ids, batch.cache_ids, batch.start_ids, batch.last_token_id
+        )
+        logits = logits[batch.rows]
+        states = [self.states[r.request_id] for r in out.rows]
+        sampled = self.sampler(logits, states)
+        for st, tok in zip(states, sampled.token_ids, strict=False):
+            st.output_token_ids.append(tok)
+        return ModelRunnerOutput(
+            request_ids=[r.request_id for r in out.rows],
+            sampled_token_ids=sampled.token_ids,
+            logprobs=sampled.logprobs,
+        )

@@ -1,0 +1,39 @@
+"""Requests, KV slots and token-level continuous batching. Standard library only."""
+
+from scheduler.outputs import (
+    ModelRunnerOutput,
+    NewRequestData,
+    ScheduledRow,
+    SchedulerOutput,
+    StepOutput,
+    TokenLogprobs,
+)
+from scheduler.request import (
+    FinishReason,
+    GenerationRequest,
+    Request,
+    RequestStatus,
+    SamplingParams,
+)
+from scheduler.scheduler import RequestTooLongError, Scheduler
+from scheduler.slots import SlotPool
+from scheduler.stats import IterationStats, SchedulerStats
+
+__all__ = [
+    "FinishReason",
+    "GenerationRequest",
+    "IterationStats",
+    "ModelRunnerOutput",
+    "NewRequestData",
+    "Request",
+    "RequestStatus",
+    "RequestTooLongError",
+    "SamplingParams",
+    "ScheduledRow",
+    "Scheduler",
+    "SchedulerOutput",
+    "SchedulerStats",
+    "SlotPool",
+    "StepOutput",
+    "TokenLogprobs",
+]

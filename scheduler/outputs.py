@@ -1,0 +1,95 @@
+"""The typed messages between scheduler, model runner and output processing.
+
+Only plain Python values cross these boundaries: no tensors leave the runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bucketing import PREFILL, Bucket
+from scheduler.request import FinishReason, SamplingParams
+
+
+@dataclass(frozen=True)
+class NewRequestData:
+    """Sent to the runner the first time a request is scheduled, so it can keep per-request
+    sampling state (seeded generator, penalty history) for the life of the slot."""
+
+    request_id: str
+    slot: int
+    prompt_token_ids: tuple[int, ...]
+    sampling_params: SamplingParams
+
+
+@dataclass(frozen=True)
+class ScheduledRow:
+    """One row of the batch: feed ``token_ids`` at positions ``start_pos...`` into ``slot``."""
+
+    request_id: str
+    slot: int
+    token_ids: tuple[int, ...]
+    start_pos: int
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """One engine step: either a prefill of new requests or a decode of all running ones."""
+
+    bucket: Bucket
+    rows: tuple[ScheduledRow, ...]
+    new_requests: tuple[NewRequestData, ...] = ()
+    finished_request_ids: frozenset[str] = frozenset()
+
+    @property
+    def phase(self) -> str:
+        return self.bucket.phase
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.bucket.phase == PREFILL
+
+    @property
+    def num_tokens(self) -> int:
+        """Real tokens fed to the model this step."""
+        return sum(len(r.token_ids) for r in self.rows)
+
+    @property
+    def padding_tokens(self) -> int:
+        """Tokens the padded graph computes beyond the real ones."""
+        return self.bucket.input_tokens - self.num_tokens
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The sampled token's log-probability and rank, and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelRunnerOutput:
+    """What the device returns: one sampled token per scheduled row, as plain lists."""
+
+    request_ids: list[str]
+    sampled_token_ids: list[int]
+    logprobs: list[TokenLogprobs | None] | None = None
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step did for one request."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    logprobs: tuple[TokenLogprobs, ...] = ()
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,259 @@
+"""Token-level continuous batching over a fixed pool of KV-cache slots.
+
+Every step is either a prefill (waiting requests enter free slots, their prompts run through one
+context-encoding graph) or a decode (every running request advances one token). A finished
+request frees its slot at once, so the next step can admit a waiting request into it: requests
+join and leave the running batch at every step.
+
+Policy: prefill whenever a request waits and a slot is free, but never more than
+``max_prefill_streak`` prefill steps in a row while requests are decoding, so a stream of
+arrivals cannot starve decode.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterable
+
+from bucketing import BucketConfig, select
+from scheduler.outputs import (
+    ModelRunnerOutput,
+    NewRequestData,
+    ScheduledRow,
+    SchedulerOutput,
+    StepOutput,
+)
+from scheduler.request import FinishReason, GenerationRequest, Request, RequestStatus
+from scheduler.slots import SlotPool
+from scheduler.stats import IterationStats, SchedulerStats
+
+
+class RequestTooLongError(ValueError):
+    """A request that cannot fit the model or the compiled graphs; the message names the limit."""
+
+    def __init__(self, message: str, *, prompt_len: int, max_model_len: int, max_prompt_len: int):
+        super().__init__(message)
+        self.prompt_len = prompt_len
+        self.max_model_len = max_model_len
+        self.max_prompt_len = max_prompt_len
+
+
+class Scheduler:
+    """Decides, each step, which requests run and in which bucket; owns slot ids."""
+
+    # How far down the waiting queue a prefill looks for prompts that share the head's bucket.
+    PREFILL_LOOKAHEAD = 64
+
+    def __init__(
+        self,
+        buckets: BucketConfig,
+        eos_token_ids: Iterable[int] = (),
+        max_prefill_streak: int = 1,
+    ) -> None:
+        if max_prefill_streak < 1:
+            raise ValueError(f"max_prefill_streak must be >= 1, got {max_prefill_streak}")
+        self.buckets = buckets
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_prefill_streak = max_prefill_streak
+        self.slots = SlotPool(buckets.max_num_seqs)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.last_iteration: IterationStats | None = None
+        self._finished_ids: set[str] = set()
+        self._prefill_streak = 0
+
+    # -- requests in and out -------------------------------------------------------------
+
+    def check_fits(self, prompt_len: int, max_tokens: int | None) -> int:
+        """The request's effective ``max_tokens``, or :class:`RequestTooLongError`."""
+        limit, largest = self.buckets.max_model_len, self.buckets.max_prompt_len
+        limits = dict(prompt_len=prompt_len, max_model_len=limit, max_prompt_len=largest)
+        if prompt_len > largest or prompt_len >= limit:
+            raise RequestTooLongError(
+                f"prompt has {prompt_len} tokens; the largest prefill bucket is {largest} tokens "
+                f"and max_model_len is {limit} (the prompt must leave room for one new token)",
+                **limits,
+            )
+        if max_tokens is None:
+            return limit - prompt_len
+        if prompt_len + max_tokens > limit:
+            raise RequestTooLongError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = "
+                f"{prompt_len + max_tokens} exceeds max_model_len ({limit})",
+                **limits,
+            )
+        return max_tokens
+
+    def add_request(self, request: GenerationRequest) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        params = request.sampling_params
+        max_tokens = self.check_fits(len(request.prompt_token_ids), params.max_tokens)
+        req = Request(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            sampling_params=params,
+            max_tokens=max_tokens,
+            eos_token_ids=self.eos_token_ids,
+            arrival_time=request.arrival_time,
+        )
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def finish_requests(self, request_ids: Iterable[str], reason: FinishReason) -> None:
+        """Finish requests from outside a step (abort, stop string); unknown ids are ignored."""
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is not None:
+                self._finish(req, reason)
+
+    def abort_request(self, request_id: str) -> None:
+        self.finish_requests([request_id], FinishReason.ABORT)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """The next step's batch. Call only when :meth:`has_unfinished`."""
+        if not self.has_unfinished():
+            raise RuntimeError("schedule() called with no unfinished requests")
+        finished, self._finished_ids = frozenset(self._finished_ids), set()
+        if self._should_prefill():
+            self._prefill_streak += 1
+            return self._schedule_prefill(finished)
+        self._prefill_streak = 0
+        return self._schedule_decode(finished)
+
+    def _should_prefill(self) -> bool:
+        if not self.waiting or not self.slots.can_allocate():
+            return False
+        return not self.running or self._prefill_streak < self.max_prefill_streak
+
+    def _schedule_prefill(self, finished: frozenset[str]) -> SchedulerOutput:
+        chosen = self._pick_prefill()
+        new, rows = [], []
+        for req in chosen:
+            self.waiting.remove(req)
+            req.slot = self.slots.allocate()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            params, prompt = req.sampling_params, req.prompt_token_ids
+            new.append(NewRequestData(req.request_id, req.slot, prompt, params))
+            rows.append(ScheduledRow(req.request_id, req.slot, prompt, 0))
+        bucket = self.buckets.prefill(max(r.num_prompt_tokens for r in chosen), len(chosen))
+        return SchedulerOutput(bucket, tuple(rows), tuple(new), finished)
+
+    def _pick_prefill(self) -> list[Request]:
+        """The head of the queue plus later prompts in the same context bucket, within the
+        free slots, the largest prefill batch bucket and ``max_prefill_tokens``."""
+        b = self.buckets
+        head = self.waiting[0]
+        seq_len = select(b.context_encoding_buckets, head.num_prompt_tokens)
+        room = min(self.slots.num_free, b.prefill_batch_buckets[-1])
+        chosen = [head]
+        for req in itertools.islice(self.waiting, 1, self.PREFILL_LOOKAHEAD):
+            if len(chosen) == room:
+                break
+            if select(b.context_encoding_buckets, req.num_prompt_tokens) != seq_len:
+                continue
+            padded_rows = select(b.prefill_batch_buckets, len(chosen) + 1)
+            if padded_rows * seq_len > b.max_prefill_tokens:
+                break
+            chosen.append(req)
+        return chosen
+
+    def _schedule_decode(self, finished: frozenset[str]) -> SchedulerOutput:
+        """Every running request advances one token. Row i of a decode graph is slot i (the
+        transformers-neuronx layout), so the batch bucket must reach the highest slot in use."""
+        rows = tuple(
+            ScheduledRow(r.request_id, r.slot, (r.last_token_id,), r.num_computed_tokens)
+            for r in self.running
+        )
+        context_len = max(r.start_pos for r in rows) + 1
+        bucket = self.buckets.decode(context_len, max(r.slot for r in rows) + 1)
+        return SchedulerOutput(bucket, rows, (), finished)
+
+    def update(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[StepOutput]:
+        """Apply one step's sampled tokens; finish and free what is done."""
+        if result.request_ids != [r.request_id for r in out.rows]:
+            raise ValueError("runner output rows do not match the scheduled rows")
+        logprobs = result.logprobs or [None] * len(out.rows)
+        steps = []
+        for row, token, lp in zip(out.rows, result.sampled_token_ids, logprobs, strict=False):
+            req = self.requests.get(row.request_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # finished while the step ran
+            req.num_computed_tokens += len(row.token_ids)
+            req.output_token_ids.append(token)
+            reason = req.check_stop(self.buckets.max_model_len)
+            if reason is not None:
+                self._finish(req, reason)
+            steps.append(
+                StepOutput(
+                    request_id=req.request_id,
+                    new_token_ids=(token,),
+                    finish_reason=reason,
+                    num_prompt_tokens=req.num_prompt_tokens,
+                    num_output_tokens=len(req.output_token_ids),
+                    logprobs=(lp,) if lp is not None else (),
+                )
+            )
+        self._record(out)
+        return steps
+
+    def fail_step(self, out: SchedulerOutput) -> list[StepOutput]:
+        """The step raised: finish exactly its requests with ``error``; everything else goes on."""
+        steps = []
+        for row in out.rows:
+            req = self.requests.get(row.request_id)
+            if req is None:
+                continue
+            self._finish(req, FinishReason.ERROR)
+            steps.append(
+                StepOutput(
+                    request_id=req.request_id,
+                    new_token_ids=(),
+                    finish_reason=FinishReason.ERROR,
+                    num_prompt_tokens=req.num_prompt_tokens,
+                    num_output_tokens=len(req.output_token_ids),
+                )
+            )
+        return steps
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        if req.status == RequestStatus.WAITING:
+            self.waiting.remove(req)
+        elif req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+            self.slots.free(req.slot)
+            req.slot = None
+            self._finished_ids.add(req.request_id)
+        req.status = RequestStatus.for_reason(reason)
+        del self.requests[req.request_id]
+
+    # -- statistics ----------------------------------------------------------------------
+
+    def _record(self, out: SchedulerOutput) -> None:
+        self.last_iteration = IterationStats(
+            phase=out.phase,
+            bucket=str(out.bucket),
+            batch_size=out.bucket.batch_size,
+            num_rows=len(out.rows),
+            num_prompt_tokens=out.num_tokens if out.is_prefill else 0,
+            num_generation_tokens=len(out.rows),
+            num_padding_tokens=out.padding_tokens,
+        )
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_slots=self.slots.num_slots,
+            num_free_slots=self.slots.num_free,
+            kv_tokens_used=sum(r.num_computed_tokens for r in self.running),
+            kv_tokens_capacity=self.slots.num_slots * self.buckets.max_model_len,
+        )

@@ -1,0 +1,107 @@
+"""``ragserve`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _bucket_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        msg = f"expected comma-separated integers, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="Hugging Face directory, .gguf file or Hub repo id "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto, float32, bfloat16 or float16 (auto: float32 on CPU, bf16 on CUDA)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "neuron"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--context-encoding-buckets", type=_bucket_list, default=None,
+                   help="prefill lengths, e.g. 128,256,512 (default: two per octave)")
+    p.add_argument("--token-generation-buckets", type=_bucket_list, default=None,
+                   help="decode context lengths (default: powers of two up to max-model-len)")
+    p.add_argument("--compile", action="store_true", help="torch.compile one graph per bucket")
+    p.add_argument("--chat-template", default=None, help="a Jinja chat template file")
+    p.add_argument("--cache-dir", type=Path, default=None)
+
+
+def engine_config(args: argparse.Namespace, **overrides: object):  # -> EngineConfig
+    from server.engine import EngineConfig
+
+    template = Path(args.chat_template).read_text() if args.chat_template else None
+    fields = dict(
+        model=args.model, dtype=args.dtype, device=args.device,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        context_encoding_buckets=args.context_encoding_buckets,
+        token_generation_buckets=args.token_generation_buckets,
+        compile=args.compile, chat_template=template, cache_dir=args.cache_dir,
+    )
+    fields.update(overrides)
+    return EngineConfig(**fields)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from scheduler import SamplingParams
+    from server.engine import Engine
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed)
+    engine = Engine.from_config(engine_config(args, max_num_seqs=1, warmup=False))
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    out = None
+    for out in engine.stream(args.prompt, params, chat=not args.raw):
+        if first is None:
+            first = time.perf_counter() - t0
+        n = len(out.token_ids)
+        sys.stdout.write(out.delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    total = time.perf_counter() - t0
+    reason = out.finish_reason.value if out and out.finish_reason else "none"
+    logging.getLogger("ragserve").info(
+        "%d tokens in %.2fs (first token %.2fs, %.1f tok/s), finish_reason=%s",
+        n, total, first or 0.0, n / total if total else 0.0, reason)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ragserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="stream a completion for one prompt")
+    add_engine_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"ragserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

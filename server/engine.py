@@ -1,0 +1,159 @@
+"""The engine: one loop of schedule -> execute -> update, and the offline ``generate`` API."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bucketing import BucketConfig
+from scheduler import FinishReason, GenerationRequest, SamplingParams, Scheduler
+from server.output import OutputProcessor, RequestOutput
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MODEL_LEN = 2048
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # None: the embedded default (SmolLM2-135M-Instruct)
+    dtype: str = "auto"
+    device: str = "cpu"
+    max_model_len: int | None = None  # None: min(model's max positions, 2048)
+    max_num_seqs: int = 16
+    context_encoding_buckets: tuple[int, ...] | None = None
+    token_generation_buckets: tuple[int, ...] | None = None
+    max_prefill_batch: int = 4
+    max_prefill_streak: int = 1
+    compile: bool = False
+    warmup: bool = True
+    chat_template: str | None = None
+    cache_dir: Path | None = None
+
+
+def build_buckets(cfg: EngineConfig, model_max_positions: int) -> BucketConfig:
+    max_len = cfg.max_model_len or min(model_max_positions, DEFAULT_MAX_MODEL_LEN)
+    if max_len > model_max_positions:
+        raise ValueError(
+            f"max_model_len ({max_len}) exceeds the model's max_position_embeddings "
+            f"({model_max_positions})"
+        )
+    return BucketConfig.default(
+        max_len,
+        cfg.max_num_seqs,
+        context_encoding_buckets=cfg.context_encoding_buckets,
+        token_generation_buckets=cfg.token_generation_buckets,
+        max_prefill_batch=cfg.max_prefill_batch,
+    )
+
+
+class Engine:
+    """Owns scheduler, model runner and output processing; ``step()`` runs one iteration.
+
+    Not thread-safe: one thread drives it (the server's engine thread, or the caller of
+    :meth:`generate`).
+    """
+
+    def __init__(self, scheduler: Scheduler, runner: Any, tokenizer: Any,
+                 model_name: str = "model") -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.output = OutputProcessor(tokenizer)
+        self._ids = itertools.count()
+        self.last_step_seconds = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: EngineConfig) -> Engine:
+        from runtime.backends.torch_backend import TorchBackend
+        from runtime.loader import load_model
+        from runtime.runner import ModelRunner
+
+        if cfg.device == "neuron":
+            raise NotImplementedError("the Neuron backend is not implemented yet (issue 5)")
+        loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                            cache_dir=cfg.cache_dir, chat_template=cfg.chat_template)
+        buckets = build_buckets(cfg, loaded.args.max_position_embeddings)
+        backend = TorchBackend(loaded.model, buckets, compile=cfg.compile)
+        if cfg.warmup:
+            backend.warmup()
+        scheduler = Scheduler(buckets, loaded.eos_token_ids, cfg.max_prefill_streak)
+        return cls(scheduler, ModelRunner(backend), loaded.tokenizer, loaded.name)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | Sequence[int] | list[dict[str, str]],
+                      chat: bool = False) -> list[int]:
+        """Token ids for a raw string, a list of ids, or (``chat``) a message list."""
+        if chat:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            return list(self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True))
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams,
+                    request_id: str | None = None, chat: bool = False) -> str:
+        """Queue a request; raises ValueError (naming the limit) if it cannot fit."""
+        rid = request_id or f"req-{next(self._ids)}"
+        ids = self.encode_prompt(prompt, chat)
+        self.scheduler.add_request(GenerationRequest(rid, tuple(ids), params, time.monotonic()))
+        self.output.add(rid, ids, params)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort_request(request_id)
+        self.output.abort([request_id])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        try:
+            result = self.runner.execute(out)
+        except Exception:
+            log.exception("engine step failed (%s); failing its %d requests",
+                          out.bucket, len(out.rows))
+            steps = self.scheduler.fail_step(out)
+        else:
+            steps = self.scheduler.update(out, result)
+        outputs, stopped = self.output.process(steps)
+        self.scheduler.finish_requests(stopped, FinishReason.STOP)
+        self.last_step_seconds = time.perf_counter() - t0
+        return outputs
+
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams],
+                 chat: bool = False) -> list[RequestOutput]:
+        """Run prompts to completion; final outputs in prompt order."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        ids = [self.add_request(p, sp, chat=chat) for p, sp in zip(prompts, params, strict=False)]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for o in self.step():
+                if o.finished:
+                    final[o.request_id] = o
+        return [final[i] for i in ids]
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams,
+               chat: bool = False) -> Iterator[RequestOutput]:
+        """One request's outputs as they are produced (other queued requests run too)."""
+        rid = self.add_request(prompt, params, chat=chat)
+        while self.has_unfinished():
+            for o in self.step():
+                if o.request_id == rid:
+                    yield o
+                    if o.finished:
+                        return

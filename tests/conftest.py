@@ -1,0 +1,43 @@
+"""Shared fixtures. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from helpers import LLAMA3_CHAT_TEMPLATE, LLAMA31_ROPE, llama3_tokenizer_model, make_tiny_llama_dir
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real Llama 3 tokenizer as a Hugging Face tokenizer directory, with its chat template."""
+    from llama_models.llama3.tokenizer import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.tiktoken import convert_tiktoken_to_fast
+
+    out = tmp_path_factory.mktemp("llama3-tokenizer")
+    meta = Tokenizer(llama3_tokenizer_model())
+    convert_tiktoken_to_fast(meta.model, str(out))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(out / "tokenizer.json"),
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        chat_template=LLAMA3_CHAT_TEMPLATE,
+    )
+    tok.save_pretrained(str(out))
+    return out
+
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, llama3_tokenizer_dir: Path) -> Path:
+    """Tiny random Llama 3.1-style model (llama3 rope scaling, GQA), sharded safetensors."""
+    out = make_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"), llama3_tokenizer_dir,
+                              rope_scaling=LLAMA31_ROPE)
+    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    return out

@@ -1,0 +1,75 @@
+"""Test helpers: the real Llama 3 tokenizer and tiny random Llama models built in the test.
+
+Nothing here touches the network: the tokenizer comes from Meta's ``llama-models`` PyPI package
+(``llama3/tokenizer.model``, 128,256 ids), converted to the Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+# The Llama 3 Instruct chat template (Meta-Llama-3-8B-Instruct's tokenizer_config.json).
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+LLAMA3_EOS = [128001, 128008, 128009]  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+
+
+def llama3_tokenizer_model() -> Path:
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None:
+        pytest.fail("llama-models is not installed (make test installs it with --no-deps)")
+    return Path(next(iter(spec.submodule_search_locations))) / "llama3" / "tokenizer.model"
+
+
+
+def make_tiny_llama_dir(out: Path, tokenizer_dir: Path, *, seed: int = 0,
+                        rope_scaling: dict | None = None, max_shard_size: str = "2MB") -> Path:
+    """A random Llama with the Llama 3 vocabulary, saved as sharded safetensors + tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=500000.0,
+        rope_scaling=rope_scaling,
+        initializer_range=0.2,  # wide logits: greedy argmax far from ties
+        bos_token_id=128000,
+        eos_token_id=LLAMA3_EOS,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config = GenerationConfig(bos_token_id=128000, eos_token_id=LLAMA3_EOS)
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
+    for f in tokenizer_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    return out
+
+
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,  # small, so short test prompts cross the bands
+}
+
