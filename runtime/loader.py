@@ -141,7 +141,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_tokenizer(path: Path, chat_template: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    # transformers 4.57.3+ flags every local directory saved by 4.57.x as a Mistral tokenizer
+    # with a bad regex and logs a warning; ragserve loads Llama-architecture models only.
+    tok = AutoTokenizer.from_pretrained(str(path), fix_mistral_regex=False)
     if chat_template is not None:
         tok.chat_template = chat_template
     return tok

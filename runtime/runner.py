@@ -79,7 +79,7 @@ class ModelRunner:
         logits = logits[batch.rows]
         states = [self.states[r.request_id] for r in out.rows]
         sampled = self.sampler(logits, states)
-        for st, tok in zip(states, sampled.token_ids, strict=False):
+        for st, tok in zip(states, sampled.token_ids):
             st.output_token_ids.append(tok)
         return ModelRunnerOutput(
             request_ids=[r.request_id for r in out.rows],

@@ -117,7 +117,7 @@ def compute_logprobs(raw_logits: torch.Tensor, token_ids: torch.Tensor,
         if n_top is None:
             out.append(None)
             continue
-        top = tuple(zip(top_i[i][:n_top], top_v[i][:n_top], strict=False)) if n_top else ()
+        top = tuple(zip(top_i[i][:n_top], top_v[i][:n_top])) if n_top else ()
         out.append(TokenLogprobs(ids_l[i], chosen_l[i], ranks_l[i], top))
     return out
 

@@ -183,7 +183,7 @@ class Scheduler:
             raise ValueError("runner output rows do not match the scheduled rows")
         logprobs = result.logprobs or [None] * len(out.rows)
         steps = []
-        for row, token, lp in zip(out.rows, result.sampled_token_ids, logprobs, strict=False):
+        for row, token, lp in zip(out.rows, result.sampled_token_ids, logprobs):
             req = self.requests.get(row.request_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # finished while the step ran

@@ -139,7 +139,7 @@ class Engine:
         """Run prompts to completion; final outputs in prompt order."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
-        ids = [self.add_request(p, sp, chat=chat) for p, sp in zip(prompts, params, strict=False)]
+        ids = [self.add_request(p, sp, chat=chat) for p, sp in zip(prompts, params)]
         final: dict[str, RequestOutput] = {}
         while self.has_unfinished():
             for o in self.step():

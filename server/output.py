@@ -9,7 +9,7 @@ streamed deltas until they can no longer start a stop string.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tokenizers.decoders import DecodeStream
@@ -19,18 +19,18 @@ from scheduler import FinishReason, SamplingParams, StepOutput, TokenLogprobs
 PROMPT_PRIME_TOKENS = 6
 
 
-@dataclass
+@dataclass(frozen=True)
 class RequestOutput:
-    """The state of one request after a step: cumulative text and tokens, and what is new."""
+    """One request after a step (a snapshot): cumulative text and tokens, and what is new."""
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
-    text: str = ""
-    delta: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    new_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    text: str
+    delta: str
+    token_ids: tuple[int, ...]
+    new_token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprobs, ...]
+    new_logprobs: tuple[TokenLogprobs, ...]
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
 
@@ -45,50 +45,57 @@ class _RequestText:
     def __init__(self, tokenizer: Any, request_id: str, prompt_token_ids: Sequence[int],
                  params: SamplingParams) -> None:
         self.tokenizer = tokenizer
+        self.request_id = request_id
+        self.prompt_token_ids = tuple(prompt_token_ids)
         self.params = params
         self.stream = DecodeStream(ids=list(prompt_token_ids[-PROMPT_PRIME_TOKENS:]),
                                    skip_special_tokens=params.skip_special_tokens)
-        self.out = RequestOutput(request_id, tuple(prompt_token_ids))
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprobs] = []
         self.full = ""  # all decoded text (the visible text may be cut at a stop string)
         self.emitted = 0  # characters of the visible text already sent as deltas
         self.hold = max((len(s) for s in params.stop), default=1) - 1
 
     def feed(self, step: StepOutput) -> RequestOutput:
-        out = self.out
-        out.new_token_ids = list(step.new_token_ids)
-        out.token_ids.extend(step.new_token_ids)
-        out.new_logprobs = list(step.logprobs)
-        out.logprobs.extend(step.logprobs)
-        out.finish_reason = step.finish_reason
+        self.token_ids.extend(step.new_token_ids)
+        self.logprobs.extend(step.logprobs)
         start = len(self.full)
         for tok in step.new_token_ids:
             piece = self.stream.step(self.tokenizer._tokenizer, tok)
             if piece:
                 self.full += piece
-        visible = self.full
-        if step.finish_reason == FinishReason.STOP and step.new_token_ids:
+        reason, stop_reason, visible = step.finish_reason, None, self.full
+        if reason == FinishReason.STOP and step.new_token_ids:
             last = step.new_token_ids[-1]
             if last in self.params.stop_token_ids:
-                out.stop_reason = last
+                stop_reason = last
         if self.params.stop:
-            visible = self._cut_at_stop(start)
-        out.text = visible
-        end = len(visible) if out.finished else max(self.emitted, len(visible) - self.hold)
-        out.delta = visible[self.emitted:end]
-        self.emitted = end
-        return out
+            hit = self._find_stop(start)
+            if hit is not None:
+                i, stop = hit
+                reason, stop_reason = FinishReason.STOP, stop
+                visible = self.full[: i + len(stop) if self.params.include_stop_str_in_output
+                                    else i]
+        end = len(visible) if reason is not None else max(self.emitted, len(visible) - self.hold)
+        delta, self.emitted = visible[self.emitted : end], end
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_token_ids,
+            text=visible,
+            delta=delta,
+            token_ids=tuple(self.token_ids),
+            new_token_ids=tuple(step.new_token_ids),
+            logprobs=tuple(self.logprobs),
+            new_logprobs=tuple(step.logprobs),
+            finish_reason=reason,
+            stop_reason=stop_reason,
+        )
 
-    def _cut_at_stop(self, start: int) -> str:
-        """Search the new text (and the tail a stop string could straddle) for a stop string."""
+    def _find_stop(self, start: int) -> tuple[int, str] | None:
+        """The earliest stop string in the new text (or straddling into it)."""
         window = max(0, start - self.hold)
         hits = [(i, s) for s in self.params.stop if (i := self.full.find(s, window)) >= 0]
-        if not hits:
-            return self.full
-        i, stop = min(hits)
-        self.out.finish_reason = FinishReason.STOP
-        self.out.stop_reason = stop
-        keep = i + len(stop) if self.params.include_stop_str_in_output else i
-        return self.full[:keep]
+        return min(hits) if hits else None
 
 
 class OutputProcessor:

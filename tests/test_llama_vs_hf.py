@@ -69,7 +69,7 @@ def test_eos_ids_come_from_generation_config(engine: Engine):
 def test_single_request_matches_hf(engine: Engine, hf_model):
     ids = engine.encode_prompt([{"role": "user", "content": "Tell me about buckets."}], chat=True)
     [out] = engine.generate([ids], greedy(40))  # crosses decode buckets 32 -> 64
-    assert out.token_ids == hf_greedy(hf_model, ids, 40)
+    assert list(out.token_ids) == hf_greedy(hf_model, ids, 40)
     assert out.finish_reason == FinishReason.LENGTH
     assert out.text == engine.tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
@@ -97,7 +97,7 @@ def test_eight_requests_join_and_leave_mid_flight(engine: Engine, hf_model):
             phases.append((it.phase, it.bucket, running_before))
             max_running = max(max_running, len(engine.scheduler.running))
             for o in outs:
-                tokens[o.request_id] = o.token_ids
+                tokens[o.request_id] = list(o.token_ids)
         step_no += 1
 
     assert len(tokens) == 8
@@ -117,7 +117,7 @@ def test_stop_token_id_and_stop_string_end_to_end(engine: Engine, hf_model):
     [out] = engine.generate([ids], SamplingParams(max_tokens=12, temperature=0,
                                                    stop_token_ids=(ref[5],)))
     first = ref.index(ref[5])
-    assert out.token_ids == ref[: first + 1]
+    assert list(out.token_ids) == ref[: first + 1]
     assert (out.finish_reason, out.stop_reason) == (FinishReason.STOP, ref[5])
 
     full = engine.tokenizer.decode(ref, skip_special_tokens=True)
@@ -132,7 +132,7 @@ def test_logprobs_match_hf(engine: Engine, hf_model):
     ids = engine.encode_prompt("Logprobs please", chat=False)
     [out] = engine.generate([ids], SamplingParams(max_tokens=3, temperature=0, logprobs=5))
     with torch.no_grad():
-        logits = hf_model(torch.tensor([ids + out.token_ids[:2]])).logits[0, len(ids) - 1 :]
+        logits = hf_model(torch.tensor([ids + list(out.token_ids[:2])])).logits[0, len(ids) - 1 :]
     ref = logits.log_softmax(-1)
     for t, lp in enumerate(out.logprobs):
         assert lp.token_id == out.token_ids[t]
