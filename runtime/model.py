@@ -57,6 +57,48 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """One query token per row against the cache, queries grouped per KV head (GQA).
+
+    q: [B, H, 1, hd]; k, v: [B, Hkv, L, hd]; mask: [B, 1, 1, L] -> [B, H, 1, hd]. Two small
+    matmuls and a float32 softmax (HF's eager attention): on CPU this is 2-5x faster than
+    scaled_dot_product_attention's flash kernel for bf16 decode (BENCHMARKS.md).
+    """
+    B, H, _, hd = q.shape
+    n_kv = k.shape[1]
+    scores = q.reshape(B, n_kv, H // n_kv, hd) @ k.transpose(-1, -2)  # [B, Hkv, G, L]
+    scores = scores.float().mul_(hd**-0.5).masked_fill_(~mask, float("-inf"))
+    return (scores.softmax(dim=-1).to(v.dtype) @ v).reshape(B, H, 1, hd)
+
+
+def onednn_packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                            "_reorder_linear_weight")
+
+
+class Linear(nn.Module):
+    """``y = x @ W.T`` (no bias). On CPU, :meth:`pack` reorders W once, at load time, into
+    oneDNN's blocked layout, which reads memory at ~85% of peak bandwidth in batch-1 decode
+    where ``F.linear`` reaches ~50% (BENCHMARKS.md, decode roofline)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.packed: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        """Replace the weight by its packed copy; the plain one is released (a tied embedding
+        keeps its own reference)."""
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
+        self.weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return F.linear(x, self.weight)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -64,9 +106,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class KVCache(nn.Module):
@@ -92,27 +132,29 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         qkv = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
-        self.wqkv = nn.Linear(args.dim, qkv, bias=False)  # q, k, v fused at load time
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wqkv = Linear(args.dim, qkv)  # q, k, v fused at load time
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim)
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                slots: torch.Tensor, positions: torch.Tensor, ctx_len: int | None) -> torch.Tensor:
-        # x: [B, T, D]; mask: [B, 1, T, L]; ctx_len None = prefill (attend to own keys)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, slots: torch.Tensor, positions: torch.Tensor,
+                ctx_len: int | None) -> torch.Tensor:
+        # x: [B, T, D]; ctx_len None = prefill (causal over its own keys, mask unused);
+        # otherwise decode (T == 1) over cache[:B, :, :ctx_len] with mask [B, 1, 1, ctx_len]
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-        q = apply_rope(q.view(B, T, H, hd), cos, sin)
-        k = apply_rope(k.view(B, T, Hkv, hd), cos, sin)
+        qk, v = self.wqkv(x).split([(H + Hkv) * hd, Hkv * hd], dim=-1)
+        qk = apply_rope(qk.view(B, T, H + Hkv, hd), cos, sin)  # q and k rotated together
+        q, k = qk.split([H, Hkv], dim=2)
         v = v.view(B, T, Hkv, hd)
         self.cache.write(slots, positions, k, v)
-        if ctx_len is None:
-            keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, hd]
+        if ctx_len is None:  # positions are 0..T-1: plain causal attention
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                               v.transpose(1, 2), is_causal=True,
+                                               enable_gqa=Hkv != H)  # [B, H, T, hd]
         else:
-            keys, values = self.cache.k[:B, :, :ctx_len], self.cache.v[:B, :, :ctx_len]
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=Hkv != H
-        )  # [B, H, T, hd]
+            y = decode_attention(q.transpose(1, 2), self.cache.k[:B, :, :ctx_len],
+                                 self.cache.v[:B, :, :ctx_len], mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * hd))
 
 
@@ -120,8 +162,8 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.hidden = args.intermediate_size
-        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate, up fused
-        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        self.w13 = Linear(args.dim, 2 * args.intermediate_size)  # gate, up fused
+        self.w2 = Linear(args.intermediate_size, args.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).split(self.hidden, dim=-1)
@@ -136,8 +178,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                slots: torch.Tensor, positions: torch.Tensor, ctx_len: int | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, slots: torch.Tensor, positions: torch.Tensor,
+                ctx_len: int | None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, slots, positions, ctx_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -149,9 +192,17 @@ class Llama(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size)
         self.num_slots = 0
         self.max_len = 0
+
+    def pack_weights(self) -> None:
+        """Pack every matmul weight for oneDNN (CPU only; a no-op elsewhere)."""
+        if self.tok_embeddings.weight.device.type != "cpu" or not onednn_packing_available():
+            return
+        for m in self.modules():
+            if isinstance(m, Linear) and m.packed is None:
+                m.pack()
 
     def setup_caches(self, num_slots: int, max_len: int) -> None:
         """Allocate the KV cache and rotary tables once, on the weights' device and dtype."""
@@ -176,8 +227,9 @@ class Llama(nn.Module):
         x = self.tok_embeddings(input_ids)  # [B, T, D]
         cos = self.rope_cos[positions].unsqueeze(2)  # [B, T, 1, hd]
         sin = self.rope_sin[positions].unsqueeze(2)
-        keys = self.key_pos[: input_ids.shape[1] if ctx_len is None else ctx_len]
-        mask = (keys <= positions[..., None]).unsqueeze(1)  # [B, 1, T, L]
+        mask = None
+        if ctx_len is not None:
+            mask = (self.key_pos[:ctx_len] <= positions[..., None]).unsqueeze(1)  # [B, 1, 1, L]
         for layer in self.layers:
             x = layer(x, cos, sin, mask, slots, positions, ctx_len)
         x = x.gather(1, last_idx.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1)  # [B, D]

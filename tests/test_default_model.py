@@ -22,7 +22,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine.from_config(EngineConfig(max_model_len=512, max_num_seqs=4, warmup=False))
+    return Engine.from_config(EngineConfig(dtype="float32", max_model_len=512, max_num_seqs=4,
+                                           warmup=False))
 
 
 def test_default_is_the_embedded_smollm2(engine: Engine):

@@ -33,7 +33,7 @@ def hf_model(tiny_llama_dir: Path):
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir: Path) -> Engine:
     return Engine.from_config(EngineConfig(
-        model=str(tiny_llama_dir), max_model_len=256, max_num_seqs=4,
+        model=str(tiny_llama_dir), dtype="float32", max_model_len=256, max_num_seqs=4,
         context_encoding_buckets=CE_BUCKETS, token_generation_buckets=TG_BUCKETS,
     ))
 

@@ -33,8 +33,13 @@ def test_eos_ids_union(tiny_llama_dir: Path):
     assert eos_token_ids(tiny_llama_dir) == (128001, 128008, 128009)
 
 
-def test_dtype_resolution():
+def test_dtype_resolution(monkeypatch):
+    import runtime.loader
+
+    monkeypatch.setattr(runtime.loader, "cpu_has_native_bf16", lambda: False)
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(runtime.loader, "cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ValueError, match="--dtype must be"):

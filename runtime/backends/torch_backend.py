@@ -30,6 +30,8 @@ class TorchBackend:
         self.device = model.tok_embeddings.weight.device
         self.vocab_size = model.args.vocab_size
         self.scratch_slot = buckets.max_num_seqs  # one slot past the real ones
+        if not compile:  # inductor packs weights itself (and cannot trace opaque ones)
+            model.pack_weights()
         model.setup_caches(buckets.max_num_seqs + 1, buckets.max_model_len)
         self.graphs: dict[Bucket, Callable[..., torch.Tensor]] = {
             b: self._prepare(b) for b in buckets.all_buckets()
