@@ -136,16 +136,29 @@ def cpu_has_native_bf16() -> bool:
                for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
+def named_dtype(name: str, flag: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"{flag} must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto``: bfloat16 on CUDA and on CPUs with native bf16, else float32 (on such a CPU
     bf16 prefill runs ~5x and decode ~1.7x faster than fp32: BENCHMARKS.md)."""
-    if dtype == "auto":
-        if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
-            return torch.bfloat16
-        return torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+    if dtype != "auto":
+        return named_dtype(dtype, "--dtype")
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str, device: torch.device,
+                           model_dtype: torch.dtype) -> torch.dtype:
+    """``auto``: float32 on CPU (decode attention over the cache runs 2-3x faster there than in
+    bf16: BENCHMARKS.md), the model's dtype elsewhere."""
+    if kv_cache_dtype != "auto":
+        return named_dtype(kv_cache_dtype, "--kv-cache-dtype")
+    return torch.float32 if device.type == "cpu" else model_dtype
 
 
 def load_tokenizer(path: Path, chat_template: str | None = None) -> Any:

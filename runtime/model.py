@@ -68,8 +68,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, H, _, hd = q.shape
     n_kv = k.shape[1]
     scores = q.reshape(B, n_kv, H // n_kv, hd) @ k.transpose(-1, -2)  # [B, Hkv, G, L]
-    scores = scores.float().mul_(hd**-0.5).masked_fill_(~mask, float("-inf"))
-    return (scores.softmax(dim=-1).to(v.dtype) @ v).reshape(B, H, 1, hd)
+    scores = scores.mul_(hd**-0.5).masked_fill_(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return (probs @ v).reshape(B, H, 1, hd)
 
 
 def onednn_packing_available() -> bool:
@@ -123,8 +124,8 @@ class KVCache(nn.Module):
               k: torch.Tensor, v: torch.Tensor) -> None:
         # slots: [B]; positions: [B, T]; k, v: [B, T, Hkv, hd]
         idx = (slots[:, None], slice(None), positions)
-        self.k[idx] = k
-        self.v[idx] = v
+        self.k[idx] = k.to(self.k.dtype)
+        self.v[idx] = v.to(self.v.dtype)
 
 
 class Attention(nn.Module):
@@ -152,9 +153,10 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                v.transpose(1, 2), is_causal=True,
                                                enable_gqa=Hkv != H)  # [B, H, T, hd]
-        else:
-            y = decode_attention(q.transpose(1, 2), self.cache.k[:B, :, :ctx_len],
-                                 self.cache.v[:B, :, :ctx_len], mask)
+        else:  # the cache may hold a wider dtype than the weights (float32 on CPU)
+            cache = self.cache
+            y = decode_attention(q.transpose(1, 2).to(cache.k.dtype), cache.k[:B, :, :ctx_len],
+                                 cache.v[:B, :, :ctx_len], mask).to(x.dtype)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * hd))
 
 
@@ -204,13 +206,14 @@ class Llama(nn.Module):
             if isinstance(m, Linear) and m.packed is None:
                 m.pack()
 
-    def setup_caches(self, num_slots: int, max_len: int) -> None:
-        """Allocate the KV cache and rotary tables once, on the weights' device and dtype."""
+    def setup_caches(self, num_slots: int, max_len: int,
+                     kv_dtype: torch.dtype | None = None) -> None:
+        """Allocate the KV cache (``kv_dtype``, default the weights') and rotary tables once."""
         w = self.tok_embeddings.weight
         a = self.args
         for layer in self.layers:
             layer.attention.cache = KVCache(num_slots, a.n_kv_heads, max_len, a.head_dim,
-                                            w.dtype, w.device)
+                                            kv_dtype or w.dtype, w.device)
         cos, sin = rope_tables(a, max_len)
         self.register_buffer("rope_cos", cos.to(w.device, w.dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(w.device, w.dtype), persistent=False)

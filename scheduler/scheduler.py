@@ -122,13 +122,14 @@ class Scheduler:
         if not self.has_unfinished():
             raise RuntimeError("schedule() called with no unfinished requests")
         finished, self._finished_ids = frozenset(self._finished_ids), set()
-        if self._should_prefill():
+        if self.should_prefill():
             self._prefill_streak += 1
             return self._schedule_prefill(finished)
         self._prefill_streak = 0
         return self._schedule_decode(finished)
 
-    def _should_prefill(self) -> bool:
+    def should_prefill(self) -> bool:
+        """The policy hook: prefill now (True) or decode the running requests (False)."""
         if not self.waiting or not self.slots.can_allocate():
             return False
         return not self.running or self._prefill_streak < self.max_prefill_streak

@@ -24,6 +24,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto",
                    help="auto, float32, bfloat16 or float16 (auto: float32 on CPU, bf16 on CUDA)")
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="auto (float32 on CPU, the model dtype elsewhere) or a dtype")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "neuron"])
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=16)
@@ -41,7 +43,8 @@ def engine_config(args: argparse.Namespace, **overrides: object):  # -> EngineCo
 
     template = Path(args.chat_template).read_text() if args.chat_template else None
     fields = dict(
-        model=args.model, dtype=args.dtype, device=args.device,
+        model=args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+        device=args.device,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         context_encoding_buckets=args.context_encoding_buckets,
         token_generation_buckets=args.token_generation_buckets,

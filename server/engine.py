@@ -23,6 +23,7 @@ DEFAULT_MAX_MODEL_LEN = 2048
 class EngineConfig:
     model: str | None = None  # None: the embedded default (SmolLM2-135M-Instruct)
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
     device: str = "cpu"
     max_model_len: int | None = None  # None: min(model's max positions, 2048)
     max_num_seqs: int = 16
@@ -71,8 +72,10 @@ class Engine:
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> Engine:
+        import torch
+
         from runtime.backends.torch_backend import TorchBackend
-        from runtime.loader import load_model
+        from runtime.loader import load_model, resolve_kv_cache_dtype
         from runtime.runner import ModelRunner
 
         if cfg.device == "neuron":
@@ -80,7 +83,10 @@ class Engine:
         loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
                             cache_dir=cfg.cache_dir, chat_template=cfg.chat_template)
         buckets = build_buckets(cfg, loaded.args.max_position_embeddings)
-        backend = TorchBackend(loaded.model, buckets, compile=cfg.compile)
+        kv_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, torch.device(cfg.device),
+                                          loaded.model.tok_embeddings.weight.dtype)
+        backend = TorchBackend(loaded.model, buckets, compile=cfg.compile,
+                               kv_cache_dtype=kv_dtype)
         if cfg.warmup:
             backend.warmup()
         scheduler = Scheduler(buckets, loaded.eos_token_ids, cfg.max_prefill_streak)

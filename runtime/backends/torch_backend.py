@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class TorchBackend:
-    def __init__(self, model: Llama, buckets: BucketConfig, *, compile: bool = False) -> None:
+    def __init__(self, model: Llama, buckets: BucketConfig, *, compile: bool = False,
+                 kv_cache_dtype: torch.dtype | None = None) -> None:
         if buckets.context_encoding_buckets[0] < 2:
             raise ValueError("context_encoding_buckets must be >= 2 (a 1-token graph is decode)")
         self.model = model
@@ -32,7 +33,7 @@ class TorchBackend:
         self.scratch_slot = buckets.max_num_seqs  # one slot past the real ones
         if not compile:  # inductor packs weights itself (and cannot trace opaque ones)
             model.pack_weights()
-        model.setup_caches(buckets.max_num_seqs + 1, buckets.max_model_len)
+        model.setup_caches(buckets.max_num_seqs + 1, buckets.max_model_len, kv_cache_dtype)
         self.graphs: dict[Bucket, Callable[..., torch.Tensor]] = {
             b: self._prepare(b) for b in buckets.all_buckets()
         }
