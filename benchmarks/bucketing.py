@@ -1,10 +1,12 @@
 """Prefill buckets vs one max-length graph, on a mixed-length prompt trace.
 
-Prompt lengths are drawn uniformly between 50 and 2,000 tokens. Each prompt runs alone
+Prompt lengths are spread evenly between 50 and 2,000 tokens (a stratified sample of the
+uniform distribution, in shuffled order, so a small run has the distribution's mean instead of
+a random draw's). Each prompt runs alone
 (``max_tokens=1``, so its time to first token is its prefill) on three engines built from the
 same model, prompt by prompt in turn so all three see the same machine noise:
 
-- ``buckets``: the default prefill list (two per octave, 128 ... 2048);
+- ``buckets``: the default prefill list (three per octave, 128 ... 2048);
 - ``pow2``: powers of two (128, 256, 512, 1024, 2048);
 - ``single``: one 2048-token prefill graph.
 
@@ -13,9 +15,10 @@ Fields: ``ttft_ratio_buckets_vs_single`` (mean TTFT, default buckets / single gr
 scheduler's stats; goal <= 1.25 for the default), the same for powers of two, and the padding of
 the three lists over a 10,000-prompt trace of the same distribution (no model needed).
 
-``ttft_ratio_no_padding_bound`` is what a perfect bucket list (every prompt in a graph of its
-exact length) would reach: prefill cost is fitted as ``a*L + b*L^2`` (weights linear, attention
-quadratic) to the measured (bucket length, TTFT) pairs and averaged over the trace.
+Prefill cost is fitted as ``c + a*L + b*L^2`` (fixed, weights linear, attention quadratic) to
+the measured (bucket length, TTFT) pairs. With it, ``model_ttft_ratio`` gives each list's TTFT
+ratio over the whole distribution (10,000 lengths), and ``ttft_ratio_no_padding_bound`` what a
+perfect list (every prompt in a graph of its exact length) would reach.
 
     python -m benchmarks.bucketing [--quick]
 """
@@ -40,19 +43,25 @@ CONFIGS = {
 }
 
 
-def fit_linear_quadratic(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """Least squares ``t = a*L + b*L^2`` (no intercept) through (L, t) points."""
-    s11 = sum(L * L for L, _ in points)
-    s12 = sum(L**3 for L, _ in points)
-    s22 = sum(L**4 for L, _ in points)
-    y1 = sum(L * t for L, t in points)
-    y2 = sum(L * L * t for L, t in points)
-    det = s11 * s22 - s12 * s12
-    return (y1 * s22 - y2 * s12) / det, (s11 * y2 - s12 * y1) / det
+def fit_cost(points: list[tuple[int, float]]) -> tuple[float, float, float]:
+    """Least squares ``t = c + a*L + b*L^2`` through (L, t) points."""
+    import numpy as np
+
+    L = np.array([p[0] for p in points], dtype=float)
+    t = np.array([p[1] for p in points], dtype=float)
+    c, a, b = np.linalg.lstsq(np.stack([np.ones_like(L), L, L * L], 1), t, rcond=None)[0]
+    return float(c), float(a), float(b)
 
 
-def prompt_of(engine: Engine, n: int, rng: random.Random) -> list[int]:
-    """``n`` token ids of varied ordinary text (ids drawn from the first 20k of the vocab)."""
+def model_ratio(cost, lengths: list[int], buckets: list[int]) -> float:
+    """Mean fitted TTFT with ``buckets`` / with one max-length graph."""
+    import bisect
+
+    return mean([cost(buckets[bisect.bisect_left(buckets, n)]) for n in lengths]) / cost(MAX_LEN)
+
+
+def random_prompt(n: int, rng: random.Random) -> list[int]:
+    """``n`` token ids drawn from the first 20k of the vocabulary."""
     return [rng.randrange(100, 20000) for _ in range(n)]
 
 
@@ -62,7 +71,9 @@ def main() -> None:
     args = p.parse_args()
     n_prompts = args.prompts or (8 if args.quick else 40)
     rng = random.Random(args.seed)
-    lengths = [rng.randint(MIN_PROMPT, MAX_PROMPT) for _ in range(n_prompts)]
+    step = (MAX_PROMPT - MIN_PROMPT) / n_prompts
+    lengths = [round(MIN_PROMPT + (i + 0.5) * step) for i in range(n_prompts)]
+    rng.shuffle(lengths)
 
     engines = {}
     for name, ce in CONFIGS.items():
@@ -79,7 +90,7 @@ def main() -> None:
     real = dict.fromkeys(engines, 0)
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     for i, n in enumerate(lengths):
-        ids = prompt_of(engines["buckets"], n, rng)
+        ids = random_prompt(n, rng)
         for name, engine in engines.items():
             t = time.perf_counter()
             engine.generate([ids], params)
@@ -94,8 +105,13 @@ def main() -> None:
     trace = [rng.randint(MIN_PROMPT, MAX_PROMPT) for _ in range(10_000)]
     dense = generate_dense_buckets(128, MAX_LEN)
     planned = plan_buckets(trace, len(dense), MAX_LEN)
-    a, b = fit_linear_quadratic(points)
-    bound = mean([a * n + b * n * n for n in trace]) / (a * MAX_LEN + b * MAX_LEN**2)
+    c, a, b = fit_cost(points)
+
+    def cost(L: float) -> float:
+        return c + a * L + b * L * L
+
+    lists = {f"{k}_per_octave": generate_dense_buckets(128, MAX_LEN, k) for k in (1, 2, 3, 4)}
+    bound = mean([cost(n) for n in trace]) / cost(MAX_LEN)
     result = {
         "model": engines["buckets"].model_name,
         "prompts": n_prompts,
@@ -106,7 +122,13 @@ def main() -> None:
         "ttft_mean_ms_pow2": mean(ttft["pow2"]) * 1e3,
         "ttft_mean_ms_single": mean(ttft["single"]) * 1e3,
         "ttft_ratio_no_padding_bound": bound,
-        "prefill_cost_quadratic_share_at_max": b * MAX_LEN / (a + b * MAX_LEN),
+        "prefill_cost_fit_ms": {"c": c * 1e3, "a_per_token": a * 1e3, "b_per_token2": b * 1e3},
+        "prefill_cost_quadratic_share_at_max": b * MAX_LEN**2 / cost(MAX_LEN),
+        "model_ttft_ratio": {k: round(model_ratio(cost, trace, v), 4)
+                             for k, v in lists.items()},
+        "trace10k_padding_ratio_per_octave": {k: round(padding_ratio(trace, v), 4)
+                                              for k, v in lists.items()},
+        "graphs_per_octave_list": {k: len(v) for k, v in lists.items()},
         "ttft_median_ratio_buckets_vs_single": median(
             [b / s for b, s in zip(ttft["buckets"], ttft["single"])]),
         "padding_ratio_buckets": padded["buckets"] / real["buckets"],

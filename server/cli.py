@@ -8,6 +8,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.engine import EngineConfig
 
 
 def _bucket_list(text: str) -> tuple[int, ...]:
@@ -38,7 +42,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, default=None)
 
 
-def engine_config(args: argparse.Namespace, **overrides: object):  # -> EngineConfig
+def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig:
     from server.engine import EngineConfig
 
     template = Path(args.chat_template).read_text() if args.chat_template else None

@@ -24,9 +24,13 @@ def test_generate_buckets_exact_lists():
 
 def test_dense_buckets_exact_lists():
     assert generate_dense_buckets(128, 4096) == [
-        128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096
+        128, 160, 192, 256, 320, 416, 512, 640, 800, 1024, 1280, 1632, 2048, 2592, 3264, 4096
     ]
-    assert generate_dense_buckets(16, 128) == [16, 24, 32, 48, 64, 96, 128]
+    assert generate_dense_buckets(128, 2048, per_octave=2) == [
+        128, 192, 256, 352, 512, 736, 1024, 1440, 2048
+    ]
+    assert generate_dense_buckets(16, 128) == [16, 20, 24, 32, 40, 52, 64, 80, 100, 128]
+    assert generate_dense_buckets(128, 4096, per_octave=1) == generate_buckets(128, 4096)
 
 
 @pytest.mark.parametrize(
@@ -54,7 +58,9 @@ def test_bucket_validates_phase_and_sizes():
 
 def test_default_config_lists():
     cfg = BucketConfig.default(2048, 16)
-    assert cfg.context_encoding_buckets == (128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+    assert cfg.context_encoding_buckets == (
+        128, 160, 192, 256, 320, 416, 512, 640, 800, 1024, 1280, 1632, 2048
+    )
     assert cfg.token_generation_buckets == (128, 256, 512, 1024, 2048)
     assert cfg.decode_batch_buckets == (1, 2, 4, 8, 16)
     assert cfg.prefill_batch_buckets == (1, 2, 4)
@@ -66,6 +72,7 @@ def test_config_selection():
     cfg = BucketConfig.default(1024, 8)
     assert cfg.prefill(100) == Bucket(PREFILL, 1, 128)
     assert cfg.prefill(193, 3) == Bucket(PREFILL, 4, 256)
+    assert cfg.prefill(416) == Bucket(PREFILL, 1, 416)
     assert cfg.decode(129, 5) == Bucket(DECODE, 8, 256)
     assert cfg.decode(1024, 8) == Bucket(DECODE, 8, 1024)
     with pytest.raises(BucketError, match=r"context length 1025 exceeds the largest bucket"):

@@ -141,14 +141,15 @@ def test_prefill_streak_limit_two():
 
 def test_prefill_groups_same_bucket_within_token_budget():
     s = make_scheduler(max_num_seqs=8, max_model_len=256, prefill_batch=4)
-    s.add_request(req("a", n_prompt=20))  # bucket 24
-    s.add_request(req("long", n_prompt=100))  # bucket 128: not grouped with a
-    s.add_request(req("b", n_prompt=17))  # bucket 24
-    s.add_request(req("c", n_prompt=24))  # bucket 24 (exact fit)
+    assert s.buckets.context_encoding_buckets[:4] == (16, 20, 24, 32)
+    s.add_request(req("a", n_prompt=18))  # bucket 20
+    s.add_request(req("long", n_prompt=100))  # bucket 100: not grouped with a
+    s.add_request(req("b", n_prompt=17))  # bucket 20
+    s.add_request(req("c", n_prompt=20))  # bucket 20 (exact fit)
     out = s.schedule()
     assert [r.request_id for r in out.rows] == ["a", "b", "c"]
-    assert out.bucket == Bucket(PREFILL, 4, 24)
-    assert out.padding_tokens == 4 * 24 - (20 + 17 + 24)
+    assert out.bucket == Bucket(PREFILL, 4, 20)
+    assert out.padding_tokens == 4 * 20 - (18 + 17 + 20)
     s.update(out, run(out))
     out = s.schedule()  # decode: running requests are not starved
     assert out.phase == DECODE
