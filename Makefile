@@ -1,4 +1,4 @@
-# ragserve: `make serve` runs the server on the embedded default model, `make test` runs the suite.
+# ragserve: `make serve` serves the embedded default model on 127.0.0.1:8000, `make test` runs the suite.
 # Both create/update .venv first: torch 2.13.0 (CPU build) before anything that depends on it.
 
 PYTHON ?= python3
@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test lint generate bench clean
+.PHONY: install test lint serve generate bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,9 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+serve: $(STAMP)
+	$(VENV)/bin/ragserve serve
 
 generate: $(STAMP)
 	$(VENV)/bin/ragserve generate --prompt "$(or $(PROMPT),What is continuous batching?)"

@@ -203,7 +203,7 @@ class Scheduler:
                     logprobs=(lp,) if lp is not None else (),
                 )
             )
-        self._record(out)
+        self._record(out, generated=len(out.rows))
         return steps
 
     def fail_step(self, out: SchedulerOutput) -> list[StepOutput]:
@@ -223,6 +223,7 @@ class Scheduler:
                     num_output_tokens=len(req.output_token_ids),
                 )
             )
+        self._record(out, generated=0)
         return steps
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
@@ -238,14 +239,14 @@ class Scheduler:
 
     # -- statistics ----------------------------------------------------------------------
 
-    def _record(self, out: SchedulerOutput) -> None:
+    def _record(self, out: SchedulerOutput, generated: int) -> None:
         self.last_iteration = IterationStats(
             phase=out.phase,
             bucket=str(out.bucket),
             batch_size=out.bucket.batch_size,
             num_rows=len(out.rows),
             num_prompt_tokens=out.num_tokens if out.is_prefill else 0,
-            num_generation_tokens=len(out.rows),
+            num_generation_tokens=generated,
             num_padding_tokens=out.padding_tokens,
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -84,9 +85,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(argv: Sequence[str] | None = None) -> int:
+    """``ragserve serve``: the OpenAI server (flags or RAGSERVE_* variables)."""
+    import uvicorn
+
+    from server.app import build_app
+    from server.config import ConfigError, config_from_args
+
+    try:
+        config = config_from_args(argv)
+    except ConfigError as e:
+        print(f"ragserve serve: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    log = logging.getLogger("ragserve")
+    failed: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def on_failure(e: BaseException) -> None:
+        failed.append(e)
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(config, on_engine_failure=on_failure)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=config.log_level,
+        timeout_graceful_shutdown=config.shutdown_grace_seconds, access_log=False))
+    log.info("serving %s on http://%s:%d (model loads in the background; /ready says when)",
+             config.model or "the embedded default model", config.host, config.port)
+    # uvicorn drains on SIGTERM (stops accepting, waits up to --shutdown-grace-seconds for
+    # in-flight requests), then restores the previous handler and re-raises the signal. A drain
+    # is a clean stop, so the handler it restores is a no-op and the process exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
+    if failed:
+        log.error("exiting: the engine failed to load: %s", failed[0])
+        return 1
+    log.info("shut down cleanly")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ragserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="the OpenAI-compatible HTTP server (see `ragserve serve -h`)",
+                   add_help=False)
     g = sub.add_parser("generate", help="stream a completion for one prompt")
     add_engine_args(g)
     g.add_argument("--prompt", required=True)
@@ -100,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        return serve(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

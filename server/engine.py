@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from bucketing import BucketConfig
-from scheduler import FinishReason, GenerationRequest, SamplingParams, Scheduler
+from scheduler import (
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    Scheduler,
+    SchedulerOutput,
+)
 from server.output import OutputProcessor, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -69,6 +75,7 @@ class Engine:
         self.output = OutputProcessor(tokenizer)
         self._ids = itertools.count()
         self.last_step_seconds = 0.0
+        self.last_scheduled: SchedulerOutput | None = None
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> Engine:
@@ -106,11 +113,13 @@ class Engine:
         return list(prompt)
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams,
-                    request_id: str | None = None, chat: bool = False) -> str:
+                    request_id: str | None = None, chat: bool = False,
+                    arrival_time: float | None = None) -> str:
         """Queue a request; raises ValueError (naming the limit) if it cannot fit."""
         rid = request_id or f"req-{next(self._ids)}"
         ids = self.encode_prompt(prompt, chat)
-        self.scheduler.add_request(GenerationRequest(rid, tuple(ids), params, time.monotonic()))
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        self.scheduler.add_request(GenerationRequest(rid, tuple(ids), params, arrival))
         self.output.add(rid, ids, params)
         return rid
 
@@ -126,6 +135,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
+        self.last_scheduled = out
         try:
             result = self.runner.execute(out)
         except Exception:

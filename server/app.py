@@ -1,0 +1,135 @@
+"""The FastAPI app: long-lived objects on app.state, middlewares, error mapping."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.async_engine import AsyncEngine
+from server.config import ServerConfig
+from server.engine import Engine
+from server.errors import APIError, error_response
+from server.metrics import Metrics
+from server.routes import router, validation_message
+from server.serving import ClientDisconnected, OpenAIServing
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/health", "/ping"})
+
+
+class APIKeyMiddleware:
+    """``Authorization: Bearer KEY`` on every route but /health and /ping (constant time)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if not secrets.compare_digest(given, self.expected):
+            response = error_response(401, "invalid or missing API key (send "
+                                           "`Authorization: Bearer <key>`)",
+                                      headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """413 for request bodies over ``limit`` bytes, declared or streamed (chunked)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(scope, receive, send)
+        if declared is not None:  # a declared length within the limit: the server enforces it
+            return await self.app(scope, receive, send)
+        # no Content-Length (chunked): read up to the limit first, then replay it
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                return await self._reject(scope, receive, send)
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed() -> Message:
+            return replay.pop() if replay else await receive()
+
+        return await self.app(scope, replayed, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(413, f"request body exceeds --max-request-bytes "
+                                       f"({self.limit} bytes)")
+        await response(scope, receive, send)
+
+
+def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
+              on_engine_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """The app for ``config``; ``factory`` builds the Engine (default: from the config)."""
+    metrics = Metrics(config.served_model_name or "loading")
+
+    def build() -> Engine:
+        engine = factory() if factory is not None else Engine.from_config(config.engine_config())
+        metrics.model_name = config.served_model_name or engine.model_name
+        return engine
+
+    engine = AsyncEngine(build, observer=metrics, on_failure=on_engine_failure)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="ragserve", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible LLM server (multi-bucket static graphs, "
+                              "continuous batching).")
+    app.state.config = config
+    app.state.metrics = metrics
+    app.state.serving = OpenAIServing(engine, config)
+    app.include_router(router)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if errors and errors[0].get("type") == "json_invalid":
+            return error_response(400, "the body is not valid JSON")
+        message, param = validation_message(errors)
+        return error_response(400, message, param)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected):
+        return error_response(499, "client disconnected")
+
+    @app.exception_handler(json.JSONDecodeError)
+    async def _bad_json(request: Request, exc: json.JSONDecodeError):
+        return error_response(400, "the body is not valid JSON")
+
+    app.add_middleware(BodyLimitMiddleware, limit=config.max_request_bytes)
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    return app

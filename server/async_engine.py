@@ -1,0 +1,284 @@
+"""AsyncEngine: the engine on its own thread, fed by asyncio handlers.
+
+One thread owns the :class:`~server.engine.Engine` (nothing else touches it): it loads the model,
+then loops: apply queued adds and aborts, run one step, hand each output to its request's
+asyncio queue. An abort queued before a step is applied before that step is scheduled, so a
+disconnected client's slot is free for the very next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from scheduler import FinishReason, SamplingParams, SchedulerStats
+from server.engine import Engine
+from server.output import RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class EngineState(str, enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class EngineNotReady(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class FinishedRequestStats:
+    """One finished request, for metrics (times in seconds)."""
+
+    finish_reason: str
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    e2e: float
+    queue: float
+    ttft: float | None
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One engine step, for metrics."""
+
+    phase: str
+    bucket: str
+    seconds: float
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    num_padding_tokens: int
+    inter_token_latencies: tuple[float, ...]
+
+
+class EngineObserver(Protocol):
+    """What the engine thread reports (metrics implement it); calls must not raise."""
+
+    def on_scheduler(self, stats: SchedulerStats) -> None: ...
+
+    def on_step(self, stats: StepStats) -> None: ...
+
+    def on_finished(self, stats: FinishedRequestStats) -> None: ...
+
+
+@dataclass
+class _Tracked:
+    loop: asyncio.AbstractEventLoop
+    sink: asyncio.Queue
+    arrival: float
+    num_prompt_tokens: int
+    scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    outputs: int = field(default=0)
+
+
+class AsyncEngine:
+    """Thread-safe front of the engine; ``generate`` is an async iterator of outputs."""
+
+    def __init__(self, factory: Callable[[], Engine], observer: EngineObserver | None = None,
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
+        self._factory = factory
+        self._observer = observer
+        self._on_failure = on_failure
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ragserve-engine", daemon=True)
+        self._tracked: dict[str, _Tracked] = {}
+        self.engine: Engine | None = None
+        self.state = EngineState.LOADING
+        self.error: str | None = None
+        self.load_seconds: float | None = None
+        # published by the engine thread after every step or batch of commands
+        self.num_waiting = 0
+        self.num_running = 0
+        self.num_free_slots = 0
+        # each written by one thread only: submitted - applied = adds not yet applied
+        self._submitted = 0
+        self._applied = 0
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.state = EngineState.STOPPED
+
+    @property
+    def ready(self) -> bool:
+        return self.state == EngineState.READY
+
+    def projected_waiting(self, n_new: int) -> int:
+        """How many requests would wait for a KV slot if ``n_new`` more arrived now."""
+        pending = self._submitted - self._applied
+        return max(0, self.num_waiting + pending + n_new - self.num_free_slots)
+
+    # -- requests (called from the event loop) -------------------------------------------
+
+    async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
+                       params: SamplingParams, arrival: float | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as they come; aborts it if the consumer goes away."""
+        if not self.ready:
+            raise EngineNotReady(f"engine is {self.state.value}")
+        loop = asyncio.get_running_loop()
+        sink: asyncio.Queue = asyncio.Queue()
+        self._submitted += 1
+        self._commands.put(("add", request_id, list(prompt_token_ids), params,
+                            time.monotonic() if arrival is None else arrival, loop, sink))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await sink.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    # -- the engine thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.engine = self._factory()
+        except BaseException as e:
+            log.exception("engine failed to load")
+            self.state, self.error = EngineState.FAILED, f"{type(e).__name__}: {e}"
+            if self._on_failure is not None:
+                self._on_failure(e)
+            return
+        self.load_seconds = time.perf_counter() - t0
+        self._publish_scheduler()
+        self.state = EngineState.READY
+        log.info("engine ready in %.1fs", self.load_seconds)
+        while not self._stop.is_set():
+            self._apply_commands()
+            if not self.engine.has_unfinished():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            self._step()
+        self._fail_all(RuntimeError("server is shutting down"))
+
+    def _notify(self, event: str, stats: object) -> None:
+        if self._observer is None:
+            return
+        try:
+            getattr(self._observer, event)(stats)
+        except Exception:  # metrics must never take the engine down
+            log.exception("observer %s failed", event)
+
+    def _apply_commands(self) -> None:
+        engine = self.engine
+        applied = False
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            applied = True
+            if cmd[0] == "abort":
+                rid = cmd[1]
+                if rid in self._tracked:
+                    engine.abort(rid)
+                    self._finish(rid, FinishReason.ABORT.value, 0)
+                continue
+            _, rid, ids, params, arrival, loop, sink = cmd
+            self._applied += 1
+            try:
+                engine.add_request(ids, params, request_id=rid, arrival_time=arrival)
+            except Exception as e:  # validated by the handler; anything left is reported
+                loop.call_soon_threadsafe(sink.put_nowait, e)
+                continue
+            self._tracked[rid] = _Tracked(loop, sink, arrival, len(ids))
+        if applied:
+            self._publish_scheduler()
+
+    def _publish_scheduler(self) -> None:
+        stats = self.engine.scheduler.stats()
+        self.num_waiting, self.num_running = stats.num_waiting, stats.num_running
+        self.num_free_slots = stats.num_free_slots
+        self._notify("on_scheduler", stats)
+
+    def _step(self) -> None:
+        engine = self.engine
+        start = time.monotonic()
+        try:
+            outputs = engine.step()
+        except Exception as e:  # not the runner (Engine.step handles that): a bug; fail all
+            log.exception("engine step failed outside the model runner")
+            self._fail_all(e)
+            return
+        now = time.monotonic()
+        out = engine.last_scheduled
+        for new in out.new_requests:
+            tracked = self._tracked.get(new.request_id)
+            if tracked is not None:
+                tracked.scheduled = start
+        itls = []
+        for o in outputs:
+            tracked = self._tracked.get(o.request_id)
+            if tracked is None:
+                continue
+            if o.new_token_ids:
+                if tracked.first_token is None:
+                    tracked.first_token = now
+                else:
+                    itls.append(now - tracked.last_token)
+                tracked.last_token = now
+            tracked.loop.call_soon_threadsafe(tracked.sink.put_nowait, o)
+            if o.finished:
+                self._finish(o.request_id, o.finish_reason.value, len(o.token_ids))
+        it = engine.scheduler.last_iteration  # this step's (update or fail_step wrote it)
+        self._notify("on_step", StepStats(
+            phase=out.phase, bucket=str(out.bucket.seq_len), seconds=now - start,
+            num_prompt_tokens=it.num_prompt_tokens, num_generation_tokens=it.num_generation_tokens,
+            num_padding_tokens=it.num_padding_tokens, inter_token_latencies=tuple(itls)))
+        self._publish_scheduler()
+
+    def _finish(self, rid: str, reason: str, n_out: int) -> None:
+        tracked = self._tracked.pop(rid, None)
+        if tracked is None:
+            return
+        now = time.monotonic()
+        self._notify("on_finished", FinishedRequestStats(
+            finish_reason=reason,
+            num_prompt_tokens=tracked.num_prompt_tokens,
+            num_generation_tokens=n_out,
+            e2e=now - tracked.arrival,
+            queue=(tracked.scheduled or now) - tracked.arrival,
+            ttft=None if tracked.first_token is None else tracked.first_token - tracked.arrival,
+        ))
+
+    def _fail_all(self, error: BaseException) -> None:
+        for rid, tracked in list(self._tracked.items()):
+            if self.engine is not None:
+                self.engine.abort(rid)
+            tracked.loop.call_soon_threadsafe(tracked.sink.put_nowait, error)
+            del self._tracked[rid]

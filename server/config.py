@@ -1,0 +1,208 @@
+"""ServerConfig: every ``ragserve serve`` flag, also readable from ``RAGSERVE_*`` variables.
+
+Flags are named as vLLM names them where the meaning is the same (``--model``,
+``--max-num-seqs``, ...). Each flag ``--foo-bar`` can also be set with ``RAGSERVE_FOO_BAR``
+(how ``docker run -e`` and SageMaker configure a container); a flag on the command line wins
+over the environment. Under SageMaker, ``SAGEMAKER_BIND_TO_PORT`` sets the port.
+Validation happens once, here, and every error names the flag (and the variable it came from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from server.engine import EngineConfig
+
+ENV_PREFIX = "RAGSERVE_"
+DEVICES = ("cpu", "cuda", "neuron")
+
+
+class ConfigError(ValueError):
+    """A bad flag or environment value; the message names it."""
+
+
+def _bucket_list(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return out
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str | None = None
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_model_len: int | None = None
+    max_num_seqs: int = 16
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    device: str = "cpu"
+    api_key: str | None = None
+    chat_template: str | None = None  # a file path or the template itself
+    context_encoding_buckets: tuple[int, ...] | None = None
+    token_generation_buckets: tuple[int, ...] | None = None
+    max_queue_len: int = 256
+    max_request_bytes: int = 4 * 2**20
+    shutdown_grace_seconds: float = 30.0
+    compile: bool = False
+    cache_dir: Path | None = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.port <= 65535, "--port", f"must be in 1..65535, got {self.port}")
+        _require(self.max_num_seqs >= 1, "--max-num-seqs", f"must be >= 1, got {self.max_num_seqs}")
+        _require(self.max_model_len is None or self.max_model_len >= 2, "--max-model-len",
+                 f"must be >= 2, got {self.max_model_len}")
+        _require(self.tensor_parallel_size >= 1, "--tensor-parallel-size",
+                 f"must be >= 1, got {self.tensor_parallel_size}")
+        _require(self.tensor_parallel_size == 1 or self.device == "neuron",
+                 "--tensor-parallel-size",
+                 f"is {self.tensor_parallel_size}, but only --device neuron shards a model "
+                 f"(--device {self.device} runs on one device)")
+        _require(self.device in DEVICES, "--device", f"must be one of {DEVICES}")
+        _require(self.api_key is None or self.api_key != "", "--api-key", "must not be empty")
+        _require(self.max_queue_len >= 1, "--max-queue-len",
+                 f"must be >= 1, got {self.max_queue_len}")
+        _require(self.max_request_bytes >= 1024, "--max-request-bytes",
+                 f"must be >= 1024, got {self.max_request_bytes}")
+        _require(self.shutdown_grace_seconds >= 0, "--shutdown-grace-seconds",
+                 f"must be >= 0, got {self.shutdown_grace_seconds}")
+        _require(self.log_level in ("critical", "error", "warning", "info", "debug"),
+                 "--log-level", f"must be critical, error, warning, info or debug, got "
+                 f"{self.log_level!r}")
+
+    def chat_template_text(self) -> str | None:
+        """``--chat-template`` as vLLM takes it: a file path, or the template itself."""
+        if self.chat_template is None:
+            return None
+        path = Path(self.chat_template)
+        if len(self.chat_template) < 4096 and path.is_file():
+            return path.read_text()
+        if "{" not in self.chat_template:
+            raise ConfigError(f"--chat-template: {self.chat_template!r} is neither a file nor "
+                              "a Jinja template")
+        return self.chat_template
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model, dtype=self.dtype, kv_cache_dtype=self.kv_cache_dtype,
+            device=self.device, max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            context_encoding_buckets=self.context_encoding_buckets,
+            token_generation_buckets=self.token_generation_buckets,
+            compile=self.compile, chat_template=self.chat_template_text(),
+            cache_dir=self.cache_dir,
+        )
+
+
+def _require(ok: bool, flag: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{flag} {message}")
+
+
+def env_name(flag: str) -> str:
+    """``--max-num-seqs`` -> ``RAGSERVE_MAX_NUM_SEQS``."""
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    p.add_argument("--model", default=d.model,
+                   help="Hugging Face directory, .gguf file or Hub repo id "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", default=d.served_model_name,
+                   help="the name clients send as `model` (default: from the model)")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--max-model-len", type=int, default=d.max_model_len)
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    p.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
+    p.add_argument("--dtype", default=d.dtype)
+    p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype)
+    p.add_argument("--device", default=d.device, choices=DEVICES)
+    p.add_argument("--api-key", default=d.api_key,
+                   help="require `Authorization: Bearer KEY` on every route but /health, /ping")
+    p.add_argument("--chat-template", default=d.chat_template,
+                   help="a Jinja chat template, or a file holding one")
+    p.add_argument("--context-encoding-buckets", type=_bucket_list, default=None,
+                   help="prefill lengths, e.g. 128,256,512 (default: three per octave)")
+    p.add_argument("--token-generation-buckets", type=_bucket_list, default=None,
+                   help="decode context lengths (default: powers of two to max-model-len)")
+    p.add_argument("--max-queue-len", type=int, default=d.max_queue_len,
+                   help="waiting requests beyond this get 429 with Retry-After")
+    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                   help="request bodies beyond this get 413")
+    p.add_argument("--shutdown-grace-seconds", type=float, default=d.shutdown_grace_seconds,
+                   help="on SIGTERM, how long in-flight requests may take to finish")
+    p.add_argument("--compile", type=_bool, nargs="?", const=True, default=d.compile,
+                   help="torch.compile one graph per bucket")
+    p.add_argument("--cache-dir", type=Path, default=d.cache_dir)
+    p.add_argument("--log-level", default=d.log_level)
+
+
+def config_from_args(argv: Sequence[str] | None = None,
+                     environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Parse flags over ``RAGSERVE_*`` defaults; raises ConfigError naming what is wrong."""
+    environ = os.environ if environ is None else environ
+    p = argparse.ArgumentParser(prog="ragserve serve", exit_on_error=False)
+    add_serve_args(p)
+    from_env = {}
+    for action in p._actions:
+        flag = next((s for s in action.option_strings if s.startswith("--")), None)
+        if flag is None or flag == "--help" or env_name(flag) not in environ:
+            continue
+        raw = environ[env_name(flag)]
+        try:
+            value = (action.type or str)(raw) if raw != "" or action.type is None else None
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise ConfigError(f"{env_name(flag)} (for {flag}): {e}") from None
+        if action.choices and value not in action.choices:
+            raise ConfigError(f"{env_name(flag)} (for {flag}) must be one of "
+                              f"{list(action.choices)}, got {raw!r}")
+        from_env[action.dest] = value
+    p.set_defaults(**from_env)
+    try:
+        args = p.parse_args(argv)
+    except argparse.ArgumentError as e:
+        raise ConfigError(str(e)) from None
+    values = vars(args)
+    if "SAGEMAKER_BIND_TO_PORT" in environ and not _given(argv, "--port"):
+        try:
+            values["port"] = int(environ["SAGEMAKER_BIND_TO_PORT"])
+        except ValueError:
+            raise ConfigError("SAGEMAKER_BIND_TO_PORT must be an integer") from None
+    known = {f.name for f in fields(ServerConfig)}
+    try:
+        return ServerConfig(**{k: v for k, v in values.items() if k in known})
+    except ConfigError as e:
+        raise ConfigError(_with_env_hint(str(e), from_env)) from None
+
+
+def _given(argv: Sequence[str] | None, flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in (argv or []))
+
+
+def _with_env_hint(message: str, from_env: dict[str, object]) -> str:
+    flag = message.split(" ", 1)[0]
+    dest = flag.lstrip("-").replace("-", "_")
+    return f"{message} (from {env_name(flag)})" if dest in from_env else message

@@ -1,0 +1,111 @@
+"""Prometheus metrics, read from the engine's stats dataclasses.
+
+vLLM's names where the meaning matches (so vLLM dashboards work), all labelled ``model_name``;
+``ragserve_*`` for what is ours (buckets, padding, step time). ``vllm:kv_cache_usage_perc`` is
+the fraction of KV slots held by running sequences: a slot reserves ``max_model_len``
+positions, so that is the fraction of KV memory in use.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from scheduler import SchedulerStats
+from server.async_engine import FinishedRequestStats, StepStats
+
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                   5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+               1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
+                5.12, 10.24)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+
+
+class Metrics:
+    """Owns a registry; implements the engine observer (on_scheduler, on_step, on_finished)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        r, m = self.registry, ("model_name",)
+        self.model_name = model_name
+        self.running = Gauge("vllm:num_requests_running",
+                             "Number of requests in model execution batches.", m, registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Number of requests waiting.", m,
+                             registry=r)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc",
+                              "KV-cache usage: fraction of slots held (1 = 100%).", m,
+                              registry=r)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
+                                     m, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens",
+                                         "Number of generation tokens processed.", m, registry=r)
+        self.success = Counter("vllm:request_success", "Count of finished requests.",
+                               (*m, "finished_reason"), registry=r)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds",
+                              "Histogram of time to first token in seconds.", m,
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("vllm:inter_token_latency_seconds",
+                             "Histogram of inter-token latency in seconds.", m,
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds",
+                             "Histogram of end to end request latency in seconds.", m,
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("vllm:request_queue_time_seconds",
+                               "Histogram of time spent in WAITING phase for request.", m,
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.req_prompt = Histogram("vllm:request_prompt_tokens",
+                                    "Number of prefill tokens processed.", m,
+                                    buckets=TOKEN_BUCKETS, registry=r)
+        self.req_generation = Histogram("vllm:request_generation_tokens",
+                                        "Number of generation tokens processed.", m,
+                                        buckets=TOKEN_BUCKETS, registry=r)
+        self.iteration_tokens = Histogram("vllm:iteration_tokens_total",
+                                          "Histogram of number of tokens per engine_step.", m,
+                                          buckets=TOKEN_BUCKETS, registry=r)
+        self.bucket_selected = Counter("ragserve_bucket_selected",
+                                       "Engine steps per static-graph bucket.",
+                                       (*m, "phase", "bucket"), registry=r)
+        self.padding_tokens = Counter("ragserve_padding_tokens",
+                                      "Tokens computed only to fill a bucket.", (*m, "phase"),
+                                      registry=r)
+        self.step_seconds = Histogram("ragserve_engine_step_seconds",
+                                      "Time of one engine step (schedule, forward, sample, "
+                                      "detokenize).", (*m, "phase"), buckets=STEP_BUCKETS,
+                                      registry=r)
+        for g in (self.running, self.waiting, self.kv_usage):
+            g.labels(model_name).set(0)
+
+    # -- the engine observer -------------------------------------------------------------
+
+    def on_scheduler(self, stats: SchedulerStats) -> None:
+        name = self.model_name
+        self.running.labels(name).set(stats.num_running)
+        self.waiting.labels(name).set(stats.num_waiting)
+        self.kv_usage.labels(name).set(stats.slot_usage)
+
+    def on_step(self, stats: StepStats) -> None:
+        name, phase = self.model_name, stats.phase
+        self.prompt_tokens.labels(name).inc(stats.num_prompt_tokens)
+        self.generation_tokens.labels(name).inc(stats.num_generation_tokens)
+        self.iteration_tokens.labels(name).observe(
+            stats.num_prompt_tokens + stats.num_generation_tokens)
+        self.bucket_selected.labels(name, phase, stats.bucket).inc()
+        self.padding_tokens.labels(name, phase).inc(stats.num_padding_tokens)
+        self.step_seconds.labels(name, phase).observe(stats.seconds)
+        itl = self.itl.labels(name)
+        for t in stats.inter_token_latencies:
+            itl.observe(t)
+
+    def on_finished(self, stats: FinishedRequestStats) -> None:
+        name = self.model_name
+        self.success.labels(name, stats.finish_reason).inc()
+        self.e2e.labels(name).observe(stats.e2e)
+        self.queue.labels(name).observe(stats.queue)
+        if stats.ttft is not None:
+            self.ttft.labels(name).observe(stats.ttft)
+        self.req_prompt.labels(name).observe(stats.num_prompt_tokens)
+        self.req_generation.labels(name).observe(stats.num_generation_tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

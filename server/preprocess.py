@@ -1,0 +1,145 @@
+"""OpenAI request -> prompt token ids and SamplingParams, or a 400 that names the problem.
+
+Everything invalid stops here, before the queue: unknown or unsupported fields, prompts that do
+not fit the model or the largest prefill graph, bad sampling values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from scheduler import RequestTooLongError, SamplingParams
+from scheduler.scheduler import Scheduler
+from server.errors import APIError, bad_request
+from server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
+
+
+def message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template sees them; only text content is supported."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                kind = part.type if hasattr(part, "type") else part.get("type")
+                if kind != "text":
+                    raise bad_request(f"messages[{i}]: content of type {kind!r} is not "
+                                      "supported (text only)", "messages")
+                texts.append(part.text if hasattr(part, "text") else str(part.get("text", "")))
+            content = "".join(texts)
+        d = {"role": m.role, "content": content or ""}
+        if m.name is not None:
+            d["name"] = m.name
+        out.append(d)
+    return out
+
+
+def chat_prompt_ids(tokenizer: Any, req: ChatCompletionRequest,
+                    default_template: str | None) -> list[int]:
+    template = req.chat_template or default_template or tokenizer.chat_template
+    if template is None:
+        raise bad_request("this model has no chat template: start the server with "
+                          "--chat-template, or use /v1/completions", "messages")
+    try:
+        ids = tokenizer.apply_chat_template(
+            message_dicts(req.messages), chat_template=template, tokenize=True,
+            add_generation_prompt=req.add_generation_prompt)
+    except APIError:
+        raise
+    except Exception as e:  # a template that raises on these messages is the client's 400
+        raise bad_request(f"chat template failed on these messages: {e}", "messages") from None
+    if hasattr(ids, "get"):  # newer transformers may return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def completion_prompts(tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]]
+                       ) -> list[list[int]]:
+    """One token-id list per prompt (OpenAI allows a string, strings, ids or lists of ids)."""
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise bad_request("prompt must not be empty", "prompt")
+    vocab = len(tokenizer)
+    out = []
+    for p in prompts:
+        ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
+        if not ids:
+            raise bad_request("prompt must contain at least one token", "prompt")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                              "prompt")
+        out.append(ids)
+    return out
+
+
+def check_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
+    """OpenAI fields ragserve cannot honour: a 400 saying so, never silently ignored."""
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported", "logit_bias")
+    if isinstance(req, ChatCompletionRequest):
+        if req.tools or req.tool_choice not in (None, "none"):
+            raise bad_request("tool calling is not supported", "tools")
+        fmt = (req.response_format or {}).get("type", "text")
+        if fmt != "text":
+            raise bad_request(f"response_format {fmt!r} is not supported (text only)",
+                              "response_format")
+        if req.top_logprobs and not req.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+    else:
+        if req.suffix:
+            raise bad_request("suffix is not supported", "suffix")
+        if req.best_of not in (None, 1, req.n):
+            raise bad_request("best_of is not supported", "best_of")
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo with logprobs is not supported (prompt logprobs are not "
+                              "computed)", "echo")
+
+
+def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: int,
+                    scheduler: Scheduler, seed_offset: int = 0) -> SamplingParams:
+    """SamplingParams for one choice; raises a 400 naming the field or the length limit."""
+    if isinstance(req, ChatCompletionRequest):
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        max_param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+    else:
+        max_tokens = req.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
+        logprobs, max_param = req.logprobs, "max_tokens"
+    try:
+        max_tokens = scheduler.check_fits(prompt_len, max_tokens)
+    except RequestTooLongError as e:
+        prompt_param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+        prompt_fits = e.prompt_len <= e.max_prompt_len and e.prompt_len < e.max_model_len
+        raise bad_request(str(e), max_param if prompt_fits else prompt_param) from None
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            seed=None if req.seed is None else req.seed + seed_offset,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            stop=tuple(stop),
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+            logprobs=logprobs,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            skip_special_tokens=req.skip_special_tokens,
+        )
+    except ValueError as e:
+        raise bad_request(str(e), str(e).split(" ", 1)[0]) from None

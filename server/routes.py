@@ -1,0 +1,170 @@
+"""HTTP routes: thin handlers; the work is in server.serving and the objects on app.state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server.errors import APIError, bad_request
+from server.preprocess import chat_prompt_ids
+from server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    ReadyResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+
+router = APIRouter()
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "Invalid request (the message names the parameter or the limit)",
+        401: "Missing or wrong API key",
+        404: "Unknown model",
+        413: "Request body too large",
+        429: "Queue full (see Retry-After)",
+        500: "The engine failed while generating this response",
+        503: "Model loading or engine unavailable (see Retry-After)",
+    }.items()
+}
+
+
+def _sse_doc(model: type) -> dict[int | str, dict[str, Any]]:
+    return {200: {"content": {"text/event-stream": {
+        "schema": {"type": "string",
+                   "description": f"with stream=true: `data: <{model.__name__} chunk JSON>` "
+                                  "events, then `data: [DONE]`"}}}}, **ERRORS}
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses=_sse_doc(ChatCompletionResponse), tags=["openai"])
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    return await request.app.state.serving.chat(body, request)
+
+
+@router.post("/v1/completions", response_model=CompletionResponse,
+             responses=_sse_doc(CompletionResponse), tags=["openai"])
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    return await request.app.state.serving.completions(body, request)
+
+
+@router.get("/v1/models", response_model=ModelList, tags=["openai"])
+async def models(request: Request) -> ModelList:
+    serving = request.app.state.serving
+    engine = serving.engine.engine
+    max_len = engine.scheduler.buckets.max_model_len if engine else None
+    root = str(engine.model_name) if engine else None
+    return ModelList(data=[ModelCard(id=serving.model_name, root=root, max_model_len=max_len)])
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS, tags=["vllm"])
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    serving = request.app.state.serving
+    serving._admit(body.model)
+    engine = serving.engine.engine
+    if body.messages is not None:
+        chat = ChatCompletionRequest(messages=body.messages,
+                                     add_generation_prompt=body.add_generation_prompt)
+        ids = chat_prompt_ids(engine.tokenizer, chat, serving.chat_template)
+    else:
+        ids = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    return TokenizeResponse(count=len(ids), max_model_len=engine.scheduler.buckets.max_model_len,
+                            tokens=ids)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS, tags=["vllm"])
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    serving = request.app.state.serving
+    serving._admit(body.model)
+    tokenizer = serving.engine.engine.tokenizer
+    bad = [t for t in body.tokens if not 0 <= t < len(tokenizer)]
+    if bad:
+        raise bad_request(f"token id {bad[0]} is outside the vocabulary (0..{len(tokenizer) - 1})",
+                          "tokens")
+    return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+
+
+@router.get("/health", tags=["ops"])
+async def health() -> Response:
+    """Alive (the process answers); says nothing about the model: see /ready."""
+    return Response(status_code=200)
+
+
+def _ready(request: Request) -> JSONResponse:
+    engine = request.app.state.serving.engine
+    body = ReadyResponse(status=engine.state.value, load_seconds=engine.load_seconds,
+                         error=engine.error)
+    if engine.ready:
+        b = engine.engine.scheduler.buckets
+        body.model = request.app.state.serving.model_name
+        body.context_encoding_buckets = list(b.context_encoding_buckets)
+        body.token_generation_buckets = list(b.token_generation_buckets)
+        return JSONResponse(body.model_dump(exclude_none=True))
+    headers = {"Retry-After": "5"} if engine.state.value == "loading" else {}
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=503, headers=headers)
+
+
+@router.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}},
+            tags=["ops"])
+async def ready(request: Request) -> JSONResponse:
+    """200 once the model is loaded and every bucket graph is warmed; 503 before."""
+    return _ready(request)
+
+
+@router.get("/ping", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}},
+            tags=["sagemaker"])
+async def ping(request: Request) -> JSONResponse:
+    """SageMaker's health check: the same as /ready."""
+    return _ready(request)
+
+
+@router.post("/invocations", response_model=ChatCompletionResponse | CompletionResponse,
+             responses=ERRORS, tags=["sagemaker"])
+async def invocations(request: Request) -> Any:
+    """SageMaker's inference route: a chat body (with `messages`) or a completions body."""
+    from pydantic import ValidationError
+
+    try:
+        payload = await request.json()
+    except ValueError:
+        raise bad_request("the body is not valid JSON") from None
+    if not isinstance(payload, dict) or not ({"messages", "prompt"} & payload.keys()):
+        raise bad_request("expected a chat completions body (with `messages`) or a "
+                          "completions body (with `prompt`)")
+    serving = request.app.state.serving
+    try:
+        if "messages" in payload:
+            return await serving.chat(ChatCompletionRequest.model_validate(payload), request)
+        return await serving.completions(CompletionRequest.model_validate(payload), request)
+    except ValidationError as e:
+        raise APIError(400, *validation_message(e.errors())) from None
+
+
+@router.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """The first pydantic error as an OpenAI-style message and its parameter name."""
+    if not errors:
+        return "invalid request", None
+    e = errors[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    param = loc[-1] if loc else None
+    if e.get("type") == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {'.'.join(loc)}", param
+    where = ".".join(loc) or "body"
+    return f"{where}: {e.get('msg', 'invalid value')}", param

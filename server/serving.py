@@ -1,0 +1,342 @@
+"""OpenAI requests -> engine requests; engine outputs -> JSON or SSE chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from scheduler import FinishReason, SamplingParams, TokenLogprobs
+from server.async_engine import AsyncEngine, EngineState
+from server.config import ServerConfig
+from server.errors import APIError
+from server.output import RequestOutput
+from server.preprocess import (
+    chat_prompt_ids,
+    check_unsupported,
+    completion_prompts,
+    sampling_params,
+)
+from server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+
+RETRY_AFTER_LOADING = "5"
+RETRY_AFTER_QUEUE = "1"
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+async def until_disconnected(request: Request, coro: Any) -> Any:
+    """Run ``coro``; if the client disconnects first, cancel it (its requests abort)."""
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(coro), asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise ClientDisconnected
+
+
+async def merged(streams: Sequence[AsyncIterator[RequestOutput]]
+                 ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several requests as they arrive, tagged with their index."""
+    q: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, s: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for o in s:
+                await q.put((i, o))
+            await q.put((i, done))
+        except Exception as e:  # handed to the consumer (cancellation propagates)
+            await q.put((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await q.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        # a cancelled pump closes its stream, whose ``finally`` aborts the unfinished request
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class OpenAIServing:
+    """Chat and completions over an AsyncEngine."""
+
+    def __init__(self, engine: AsyncEngine, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.chat_template = config.chat_template_text()
+
+    # -- checks --------------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        if self.config.served_model_name:
+            return self.config.served_model_name
+        return self.engine.engine.model_name if self.engine.engine else "loading"
+
+    def check_ready(self) -> None:
+        if self.engine.state == EngineState.READY:
+            return
+        if self.engine.state == EngineState.LOADING:
+            raise APIError(503, "the model is still loading", code="model_loading",
+                           headers={"Retry-After": RETRY_AFTER_LOADING})
+        raise APIError(503, f"the engine is not available: {self.engine.error or 'stopped'}",
+                       code="engine_unavailable")
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist (this server serves "
+                                f"`{self.model_name}`).", param="model", code="model_not_found")
+
+    def check_queue(self, n_new: int) -> None:
+        """429 if admitting ``n_new`` requests would leave more than --max-queue-len waiting
+        for a KV slot (requests that will find a free slot at once do not queue)."""
+        limit = self.config.max_queue_len
+        if self.engine.projected_waiting(n_new) > limit:
+            waiting = self.engine.projected_waiting(0)
+            raise APIError(429, f"the queue is full: {waiting} requests waiting "
+                                f"(--max-queue-len {limit}); retry shortly",
+                           code="queue_full", headers={"Retry-After": RETRY_AFTER_QUEUE})
+
+    def _admit(self, model: str | None) -> None:
+        self.check_ready()
+        self.check_model(model)
+
+    def _submit(self, prefix: str, prompts: Sequence[list[int]],
+                params: Sequence[Sequence[SamplingParams]]) -> list[AsyncIterator[RequestOutput]]:
+        self.check_queue(sum(len(p) for p in params))
+        arrival = time.monotonic()
+        return [self.engine.generate(f"{prefix}-{i}-{j}", ids, sp, arrival)
+                for i, (ids, sps) in enumerate(zip(prompts, params))
+                for j, sp in enumerate(sps)]
+
+    # -- chat ----------------------------------------------------------------------------
+
+    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Any:
+        self._admit(req.model)
+        check_unsupported(req)
+        engine = self.engine.engine
+        ids = chat_prompt_ids(engine.tokenizer, req, self.chat_template)
+        params = [sampling_params(req, len(ids), engine.scheduler, i) for i in range(req.n)]
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = self._submit(rid, [ids], [params])
+        if req.stream:
+            return StreamingResponse(self._chat_stream(rid, req, len(ids), streams),
+                                     media_type="text/event-stream")
+        finals = await until_disconnected(raw, self._finals(streams))
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=o.text),
+                logprobs=self._chat_logprobs(o.logprobs) if req.logprobs else None,
+                finish_reason=o.finish_reason.value,
+                stop_reason=o.stop_reason,
+            )
+            for i, o in enumerate(finals)
+        ]
+        n_out = sum(len(o.token_ids) for o in finals)
+        usage = Usage(prompt_tokens=len(ids), completion_tokens=n_out,
+                      total_tokens=len(ids) + n_out)
+        return JSONResponse(ChatCompletionResponse(id=rid, model=self.model_name,
+                                                   choices=choices, usage=usage).model_dump())
+
+    async def _chat_stream(self, rid: str, req: ChatCompletionRequest, n_prompt: int,
+                           streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        created = int(time.time())
+
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+            c = ChatCompletionChunk(id=rid, created=created, model=self.model_name,
+                                    choices=choices, usage=usage).model_dump()
+            if not include_usage:
+                c.pop("usage")
+            return sse(c)
+
+        for i in range(len(streams)):
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant",
+                                                                     content=""))])
+        n_out = 0
+        try:
+            async for i, o in merged(streams):
+                if o.finish_reason == FinishReason.ERROR:
+                    yield sse(APIError(500, "the engine failed while generating this "
+                                            "response").body())
+                    continue
+                if not o.delta and not o.finished:
+                    continue
+                lp = self._chat_logprobs(o.new_logprobs) if req.logprobs else None
+                yield chunk([ChatChunkChoice(
+                    index=i, delta=DeltaMessage(content=o.delta), logprobs=lp,
+                    finish_reason=o.finish_reason.value if o.finished else None,
+                    stop_reason=o.stop_reason if o.finished else None)])
+                if o.finished:
+                    n_out += len(o.token_ids)
+        except RuntimeError as e:  # the engine stopped under us
+            yield sse(APIError(500, str(e)).body())
+        if include_usage:
+            yield chunk([], Usage(prompt_tokens=n_prompt, completion_tokens=n_out,
+                                  total_tokens=n_prompt + n_out))
+        yield sse("[DONE]")
+
+    # -- completions ---------------------------------------------------------------------
+
+    async def completions(self, req: CompletionRequest, raw: Request) -> Any:
+        self._admit(req.model)
+        check_unsupported(req)
+        engine = self.engine.engine
+        prompts = completion_prompts(engine.tokenizer, req.prompt)
+        params = [[sampling_params(req, len(ids), engine.scheduler, j) for j in range(req.n)]
+                  for ids in prompts]
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        streams = self._submit(rid, prompts, params)
+        echoes = ([engine.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
+                  if req.echo else [""] * len(prompts))
+        n_prompt = sum(len(ids) for ids in prompts)
+        if req.stream:
+            return StreamingResponse(self._completion_stream(rid, req, n_prompt, echoes,
+                                                             streams),
+                                     media_type="text/event-stream")
+        finals = await until_disconnected(raw, self._finals(streams))
+        choices = [
+            CompletionChoice(
+                index=i,
+                text=echoes[i // req.n] + o.text,
+                logprobs=(self._completion_logprobs(o.logprobs, len(echoes[i // req.n]))
+                          if req.logprobs is not None else None),
+                finish_reason=o.finish_reason.value,
+                stop_reason=o.stop_reason,
+            )
+            for i, o in enumerate(finals)
+        ]
+        n_out = sum(len(o.token_ids) for o in finals)
+        usage = Usage(prompt_tokens=n_prompt, completion_tokens=n_out,
+                      total_tokens=n_prompt + n_out)
+        return JSONResponse(CompletionResponse(id=rid, model=self.model_name, choices=choices,
+                                               usage=usage).model_dump())
+
+    async def _completion_stream(self, rid: str, req: CompletionRequest, n_prompt: int,
+                                 echoes: list[str], streams: list[AsyncIterator[RequestOutput]]
+                                 ) -> AsyncIterator[str]:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        created = int(time.time())
+        sent = [0] * len(streams)  # characters sent per choice (for text_offset)
+
+        def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+            c = CompletionResponse(id=rid, created=created, model=self.model_name,
+                                   choices=choices, usage=usage).model_dump()
+            if not include_usage:
+                c.pop("usage")
+            return sse(c)
+
+        if req.echo:
+            for i in range(len(streams)):
+                text = echoes[i // req.n]
+                sent[i] = len(text)
+                yield chunk([CompletionChoice(index=i, text=text, finish_reason=None)])
+        n_out = 0
+        try:
+            async for i, o in merged(streams):
+                if o.finish_reason == FinishReason.ERROR:
+                    yield sse(APIError(500, "the engine failed while generating this "
+                                            "response").body())
+                    continue
+                if not o.delta and not o.finished:
+                    continue
+                lp = (self._completion_logprobs(o.new_logprobs, sent[i])
+                      if req.logprobs is not None else None)
+                sent[i] += len(o.delta)
+                yield chunk([CompletionChoice(
+                    index=i, text=o.delta, logprobs=lp,
+                    finish_reason=o.finish_reason.value if o.finished else None,
+                    stop_reason=o.stop_reason if o.finished else None)])
+                if o.finished:
+                    n_out += len(o.token_ids)
+        except RuntimeError as e:
+            yield sse(APIError(500, str(e)).body())
+        if include_usage:
+            yield chunk([], Usage(prompt_tokens=n_prompt, completion_tokens=n_out,
+                                  total_tokens=n_prompt + n_out))
+        yield sse("[DONE]")
+
+    # -- shared --------------------------------------------------------------------------
+
+    async def _finals(self, streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+        last: dict[int, RequestOutput] = {}
+        async for i, o in merged(streams):
+            last[i] = o
+        if any(o.finish_reason == FinishReason.ERROR for o in last.values()):
+            raise APIError(500, "the engine failed while generating this response; the server "
+                                "keeps serving other requests", code="engine_step_failed")
+        return [last[i] for i in range(len(streams))]
+
+    def _token_text(self, token_id: int) -> str:
+        return self.engine.engine.tokenizer.decode([token_id])
+
+    def _chat_logprobs(self, logprobs: Sequence[TokenLogprobs]) -> ChatLogprobs:
+        def top(tid: int, lp: float) -> TopLogprob:
+            text = self._token_text(tid)
+            return TopLogprob(token=text, logprob=lp, bytes=list(text.encode()))
+
+        return ChatLogprobs(content=[
+            TokenLogprob(**top(lp.token_id, lp.logprob).model_dump(),
+                         top_logprobs=[top(t, v) for t, v in lp.top])
+            for lp in logprobs
+        ])
+
+    def _completion_logprobs(self, logprobs: Sequence[TokenLogprobs],
+                             offset: int) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for lp in logprobs:
+            text = self._token_text(lp.token_id)
+            out.tokens.append(text)
+            out.token_logprobs.append(lp.logprob)
+            out.top_logprobs.append({self._token_text(t): v for t, v in lp.top} |
+                                    {text: lp.logprob})
+            out.text_offset.append(offset)
+            offset += len(text)
+        return out

@@ -1,0 +1,128 @@
+"""Server life cycle: 503 while loading, a failing step fails only its requests, SIGTERM drains."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from serverutil import ThreadServer, start_subprocess, wait_ready
+
+from server.app import build_app
+from server.config import ServerConfig
+from server.engine import Engine, EngineConfig
+
+POISON = 128255  # a prompt containing this token makes the (wrapped) runner fail
+
+
+def tiny_engine_config(model: Path) -> EngineConfig:
+    return EngineConfig(model=str(model), dtype="float32", max_model_len=256, max_num_seqs=4,
+                        context_encoding_buckets=(16, 32, 64, 128),
+                        token_generation_buckets=(32, 64, 128, 256), warmup=False)
+
+
+def test_503_with_retry_after_until_loaded(tiny_llama_dir: Path):
+    release = threading.Event()
+
+    def slow_factory() -> Engine:
+        release.wait(60)
+        return Engine.from_config(tiny_engine_config(tiny_llama_dir))
+
+    app = build_app(ServerConfig(served_model_name="tiny"), factory=slow_factory)
+    with ThreadServer(app) as srv:
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+        r = httpx.get(f"{srv.url}/ready")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        assert r.headers["retry-after"] == "5"
+        r = httpx.post(f"{srv.url}/v1/completions", json={"model": "tiny", "prompt": "hi"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert r.json()["error"]["code"] == "model_loading"
+        release.set()
+        wait_ready(srv.url, timeout=60)
+        r = httpx.post(f"{srv.url}/v1/completions", timeout=30,
+                       json={"model": "tiny", "prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 200
+
+
+class PoisonRunner:
+    """Wraps the real runner; raises when a prefill brings a prompt holding POISON."""
+
+    def __init__(self, runner: object) -> None:
+        self.runner = runner
+        self.backend = runner.backend
+
+    def execute(self, out):
+        if any(POISON in n.prompt_token_ids for n in out.new_requests):
+            raise RuntimeError("injected device failure")
+        return self.runner.execute(out)
+
+
+def test_a_failing_step_answers_500_for_its_requests_and_the_server_keeps_serving(
+        tiny_llama_dir: Path):
+    def factory() -> Engine:
+        engine = Engine.from_config(tiny_engine_config(tiny_llama_dir))
+        engine.runner = PoisonRunner(engine.runner)
+        return engine
+
+    app = build_app(ServerConfig(served_model_name="tiny"), factory=factory)
+    with ThreadServer(app) as srv:
+        wait_ready(srv.url, timeout=60)
+
+        async def run() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as c:
+                url = f"{srv.url}/v1/completions"
+                long = c.post(url, json={"model": "tiny", "prompt": [1, 2, 3],
+                                         "max_tokens": 100, "ignore_eos": True})
+                long_task = asyncio.ensure_future(long)
+                await asyncio.sleep(0.2)  # let it start decoding
+                bad = await c.post(url, json={"model": "tiny", "prompt": [5, POISON, 6],
+                                              "max_tokens": 5})
+                return bad, await long_task, await c.post(
+                    url, json={"model": "tiny", "prompt": "after", "max_tokens": 4})
+
+        bad, long, after = asyncio.run(run())
+        assert bad.status_code == 500
+        assert bad.json()["error"]["code"] == "engine_step_failed"
+        assert long.status_code == 200
+        assert long.json()["usage"]["completion_tokens"] == 100
+        assert after.status_code == 200
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_llama_dir: Path, tmp_path: Path):
+    proc, url = start_subprocess([
+        "--model", str(tiny_llama_dir), "--dtype", "float32", "--max-model-len", "256",
+        "--max-num-seqs", "2", "--context-encoding-buckets", "16,32,64,128",
+        "--token-generation-buckets", "32,64,128,256", "--shutdown-grace-seconds", "60",
+        "--served-model-name", "tiny"], tmp_path / "server.log")
+    try:
+        wait_ready(url, proc=proc)
+        chunks: list[dict] = []
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
+                "model": "tiny", "prompt": "drain", "max_tokens": 240, "ignore_eos": True,
+                "stream": True}) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line)
+            chunks.append(json.loads(first[6:]))
+            proc.send_signal(signal.SIGTERM)
+            refused = False
+            deadline = time.monotonic() + 10
+            while not refused and time.monotonic() < deadline:
+                try:
+                    httpx.get(f"{url}/health", timeout=1)
+                    time.sleep(0.05)
+                except httpx.TransportError:
+                    refused = True
+            for line in lines:
+                if line and line != "data: [DONE]":
+                    chunks.append(json.loads(line[6:]))
+        assert refused, "the server kept accepting connections after SIGTERM"
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        print((tmp_path / "server.log").read_text()[-3000:])
