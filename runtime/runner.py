@@ -76,7 +76,8 @@ class ModelRunner:
         logits = self.backend.forward(
             batch.input_ids, batch.cache_ids, batch.start_ids, batch.last_token_id
         )
-        logits = logits[batch.rows]
+        n = len(batch.rows)
+        logits = logits[:n] if batch.rows == list(range(n)) else logits[batch.rows]
         states = [self.states[r.request_id] for r in out.rows]
         sampled = self.sampler(logits, states)
         for st, tok in zip(states, sampled.token_ids):

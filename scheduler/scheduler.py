@@ -169,10 +169,12 @@ class Scheduler:
 
     def _schedule_decode(self, finished: frozenset[str]) -> SchedulerOutput:
         """Every running request advances one token. Row i of a decode graph is slot i (the
-        transformers-neuronx layout), so the batch bucket must reach the highest slot in use."""
+        transformers-neuronx layout), so the batch bucket must reach the highest slot in use.
+        Rows are listed in slot order, so with slots 0..n-1 in use the runner's logits are a
+        plain slice of the graph's output."""
         rows = tuple(
             ScheduledRow(r.request_id, r.slot, (r.last_token_id,), r.num_computed_tokens)
-            for r in self.running
+            for r in sorted(self.running, key=lambda r: r.slot)
         )
         context_len = max(r.start_pos for r in rows) + 1
         bucket = self.buckets.decode(context_len, max(r.slot for r in rows) + 1)

@@ -106,7 +106,7 @@ def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
                               "continuous batching).")
     app.state.config = config
     app.state.metrics = metrics
-    app.state.serving = OpenAIServing(engine, config)
+    app.state.serving = OpenAIServing(engine, config, metrics)
     app.include_router(router)
 
     @app.exception_handler(APIError)

@@ -83,6 +83,11 @@ class _Tracked:
     outputs: int = field(default=0)
 
 
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for sink, output in items:
+        sink.put_nowait(output)
+
+
 class AsyncEngine:
     """Thread-safe front of the engine; ``generate`` is an async iterator of outputs."""
 
@@ -242,6 +247,7 @@ class AsyncEngine:
             if tracked is not None:
                 tracked.scheduled = start
         itls = []
+        deliveries: dict[asyncio.AbstractEventLoop, list] = {}
         for o in outputs:
             tracked = self._tracked.get(o.request_id)
             if tracked is None:
@@ -252,9 +258,11 @@ class AsyncEngine:
                 else:
                     itls.append(now - tracked.last_token)
                 tracked.last_token = now
-            tracked.loop.call_soon_threadsafe(tracked.sink.put_nowait, o)
+            deliveries.setdefault(tracked.loop, []).append((tracked.sink, o))
             if o.finished:
                 self._finish(o.request_id, o.finish_reason.value, len(o.token_ids))
+        for loop, items in deliveries.items():  # one wake-up per event loop per step
+            loop.call_soon_threadsafe(_deliver, items)
         it = engine.scheduler.last_iteration  # this step's (update or fail_step wrote it)
         self._notify("on_step", StepStats(
             phase=out.phase, bucket=str(out.bucket.seq_len), seconds=now - start,

@@ -69,10 +69,15 @@ class Metrics:
         self.padding_tokens = Counter("ragserve_padding_tokens",
                                       "Tokens computed only to fill a bucket.", (*m, "phase"),
                                       registry=r)
+        self.delivery = Histogram("ragserve_token_delivery_seconds",
+                                  "Time from the engine producing a token to its SSE event being "
+                                  "written to the connection.", m, buckets=ITL_BUCKETS,
+                                  registry=r)
         self.step_seconds = Histogram("ragserve_engine_step_seconds",
                                       "Time of one engine step (schedule, forward, sample, "
                                       "detokenize).", (*m, "phase"), buckets=STEP_BUCKETS,
                                       registry=r)
+        self._children: dict[tuple[int, str], Histogram] = {}
         for g in (self.running, self.waiting, self.kv_usage):
             g.labels(model_name).set(0)
 
@@ -93,7 +98,7 @@ class Metrics:
         self.bucket_selected.labels(name, phase, stats.bucket).inc()
         self.padding_tokens.labels(name, phase).inc(stats.num_padding_tokens)
         self.step_seconds.labels(name, phase).observe(stats.seconds)
-        itl = self.itl.labels(name)
+        itl = self._child(self.itl)
         for t in stats.inter_token_latencies:
             itl.observe(t)
 
@@ -106,6 +111,17 @@ class Metrics:
             self.ttft.labels(name).observe(stats.ttft)
         self.req_prompt.labels(name).observe(stats.num_prompt_tokens)
         self.req_generation.labels(name).observe(stats.num_generation_tokens)
+
+    def observe_delivery(self, seconds: float) -> None:
+        self._child(self.delivery).observe(seconds)
+
+    def _child(self, metric: Histogram) -> Histogram:
+        """The ``model_name`` child, cached: it is hit once per token."""
+        key = (id(metric), self.model_name)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self.model_name)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,6 +8,7 @@ streamed deltas until they can no longer start a stop string.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ class RequestOutput:
     new_logprobs: tuple[TokenLogprobs, ...]
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
+    produced_at: float = 0.0  # time.monotonic() when the engine made this output
 
     @property
     def finished(self) -> bool:
@@ -89,6 +91,7 @@ class _RequestText:
             new_logprobs=tuple(step.logprobs),
             finish_reason=reason,
             stop_reason=stop_reason,
+            produced_at=time.monotonic(),
         )
 
     def _find_stop(self, start: int) -> tuple[int, str] | None:

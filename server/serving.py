@@ -16,6 +16,7 @@ from scheduler import FinishReason, SamplingParams, TokenLogprobs
 from server.async_engine import AsyncEngine, EngineState
 from server.config import ServerConfig
 from server.errors import APIError
+from server.metrics import Metrics
 from server.output import RequestOutput
 from server.preprocess import (
     chat_prompt_ids,
@@ -54,6 +55,23 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
+class DeltaEvents:
+    """The common stream event (one choice, new text, not finished), written from a
+    precomputed prefix: a json.dumps of the text instead of building a pydantic model per
+    token, which matters with hundreds of concurrent streams."""
+
+    def __init__(self, head: dict[str, Any], key: str, include_usage: bool) -> None:
+        self.head = "data: " + json.dumps(head, ensure_ascii=False)[:-1] + ', "choices": [{'
+        self.key = key  # "delta" (chat) or "text" (completions)
+        self.tail = "]" + (', "usage": null' if include_usage else "") + "}\n\n"
+
+    def __call__(self, index: int, text: str) -> str:
+        body = json.dumps(text, ensure_ascii=False)
+        value = f'{{"content": {body}}}' if self.key == "delta" else body
+        return (f'{self.head}"index": {index}, "{self.key}": {value}, "logprobs": null, '
+                f'"finish_reason": null, "stop_reason": null}}{self.tail}')
+
+
 async def until_disconnected(request: Request, coro: Any) -> Any:
     """Run ``coro``; if the client disconnects first, cancel it (its requests abort)."""
     async def watch() -> None:
@@ -74,6 +92,13 @@ async def until_disconnected(request: Request, coro: Any) -> Any:
 async def merged(streams: Sequence[AsyncIterator[RequestOutput]]
                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several requests as they arrive, tagged with their index."""
+    if len(streams) == 1:  # the common case: no fan-in task or queue
+        try:
+            async for o in streams[0]:
+                yield 0, o
+        finally:
+            await streams[0].aclose()
+        return
     q: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -106,9 +131,11 @@ async def merged(streams: Sequence[AsyncIterator[RequestOutput]]
 class OpenAIServing:
     """Chat and completions over an AsyncEngine."""
 
-    def __init__(self, engine: AsyncEngine, config: ServerConfig) -> None:
+    def __init__(self, engine: AsyncEngine, config: ServerConfig,
+                 metrics: Metrics | None = None) -> None:
         self.engine = engine
         self.config = config
+        self.metrics = metrics
         self.chat_template = config.chat_template_text()
 
     # -- checks --------------------------------------------------------------------------
@@ -148,9 +175,9 @@ class OpenAIServing:
         self.check_model(model)
 
     def _submit(self, prefix: str, prompts: Sequence[list[int]],
-                params: Sequence[Sequence[SamplingParams]]) -> list[AsyncIterator[RequestOutput]]:
+                params: Sequence[Sequence[SamplingParams]], arrival: float
+                ) -> list[AsyncIterator[RequestOutput]]:
         self.check_queue(sum(len(p) for p in params))
-        arrival = time.monotonic()
         return [self.engine.generate(f"{prefix}-{i}-{j}", ids, sp, arrival)
                 for i, (ids, sps) in enumerate(zip(prompts, params))
                 for j, sp in enumerate(sps)]
@@ -158,13 +185,14 @@ class OpenAIServing:
     # -- chat ----------------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Any:
+        arrival = time.monotonic()
         self._admit(req.model)
         check_unsupported(req)
         engine = self.engine.engine
         ids = chat_prompt_ids(engine.tokenizer, req, self.chat_template)
         params = [sampling_params(req, len(ids), engine.scheduler, i) for i in range(req.n)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = self._submit(rid, [ids], [params])
+        streams = self._submit(rid, [ids], [params], arrival)
         if req.stream:
             return StreamingResponse(self._chat_stream(rid, req, len(ids), streams),
                                      media_type="text/event-stream")
@@ -197,6 +225,8 @@ class OpenAIServing:
                 c.pop("usage")
             return sse(c)
 
+        fast = DeltaEvents({"id": rid, "object": "chat.completion.chunk", "created": created,
+                            "model": self.model_name}, "delta", include_usage)
         for i in range(len(streams)):
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant",
                                                                      content=""))])
@@ -208,6 +238,10 @@ class OpenAIServing:
                                             "response").body())
                     continue
                 if not o.delta and not o.finished:
+                    continue
+                if not o.finished and not req.logprobs:
+                    yield fast(i, o.delta)
+                    self._delivered(o)
                     continue
                 lp = self._chat_logprobs(o.new_logprobs) if req.logprobs else None
                 yield chunk([ChatChunkChoice(
@@ -226,6 +260,7 @@ class OpenAIServing:
     # -- completions ---------------------------------------------------------------------
 
     async def completions(self, req: CompletionRequest, raw: Request) -> Any:
+        arrival = time.monotonic()
         self._admit(req.model)
         check_unsupported(req)
         engine = self.engine.engine
@@ -233,7 +268,7 @@ class OpenAIServing:
         params = [[sampling_params(req, len(ids), engine.scheduler, j) for j in range(req.n)]
                   for ids in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
-        streams = self._submit(rid, prompts, params)
+        streams = self._submit(rid, prompts, params, arrival)
         echoes = ([engine.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
                   if req.echo else [""] * len(prompts))
         n_prompt = sum(len(ids) for ids in prompts)
@@ -273,6 +308,8 @@ class OpenAIServing:
                 c.pop("usage")
             return sse(c)
 
+        fast = DeltaEvents({"id": rid, "object": "text_completion", "created": created,
+                            "model": self.model_name}, "text", include_usage)
         if req.echo:
             for i in range(len(streams)):
                 text = echoes[i // req.n]
@@ -286,6 +323,11 @@ class OpenAIServing:
                                             "response").body())
                     continue
                 if not o.delta and not o.finished:
+                    continue
+                if not o.finished and req.logprobs is None:
+                    sent[i] += len(o.delta)
+                    yield fast(i, o.delta)
+                    self._delivered(o)
                     continue
                 lp = (self._completion_logprobs(o.new_logprobs, sent[i])
                       if req.logprobs is not None else None)
@@ -304,6 +346,11 @@ class OpenAIServing:
         yield sse("[DONE]")
 
     # -- shared --------------------------------------------------------------------------
+
+    def _delivered(self, o: RequestOutput) -> None:
+        """Called when Starlette comes back for the next event, i.e. this one was written."""
+        if self.metrics is not None and o.produced_at:
+            self.metrics.observe_delivery(time.monotonic() - o.produced_at)
 
     async def _finals(self, streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
         last: dict[int, RequestOutput] = {}

@@ -292,6 +292,8 @@ def test_ready_reports_buckets(server: str):
 
 def test_metrics_use_vllm_names(client: openai.OpenAI, server: str):
     client.completions.create(model=MODEL, prompt="metrics", max_tokens=5, **greedy())
+    list(client.completions.create(model=MODEL, prompt="streamed", max_tokens=5, stream=True,
+                                   **greedy()))
     text = httpx.get(f"{server}/metrics", headers=AUTH).text
     for name in ["vllm:num_requests_running", "vllm:num_requests_waiting",
                  "vllm:kv_cache_usage_perc", "vllm:prompt_tokens_total",
@@ -302,11 +304,12 @@ def test_metrics_use_vllm_names(client: openai.OpenAI, server: str):
                  "vllm:request_queue_time_seconds_bucket", "vllm:request_prompt_tokens_bucket",
                  "vllm:request_generation_tokens_bucket", "vllm:iteration_tokens_total_bucket",
                  "ragserve_bucket_selected_total", "ragserve_padding_tokens_total",
-                 "ragserve_engine_step_seconds_bucket"]:
+                 "ragserve_engine_step_seconds_bucket", "ragserve_token_delivery_seconds_bucket"]:
         assert metric(text, name, model_name=MODEL) > 0 or f'{name}{{model_name="{MODEL}"' in text
     assert metric(text, "vllm:request_success_total", finished_reason="length") >= 1
     assert metric(text, "ragserve_bucket_selected_total", phase="prefill", bucket="16") >= 1
     assert metric(text, "ragserve_padding_tokens_total", phase="prefill") > 0
+    assert metric(text, "ragserve_token_delivery_seconds_count") >= 3  # streamed, not finals
 
 
 def test_openapi_describes_every_route(server: str):
