@@ -154,12 +154,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def resolve_kv_cache_dtype(kv_cache_dtype: str, device: torch.device,
                            model_dtype: torch.dtype) -> torch.dtype:
-    """``auto``: float32 on CPU (in-situ decode steps on the dev machine were as fast or faster
-    with a float32 cache: batch 4 29 ms vs 38 ms in bf16, batch 16 equal; BENCHMARKS.md), the
-    model's dtype elsewhere."""
+    """``auto``: the model's dtype (a float32 cache on CPU served no faster at 16 streams and
+    took 0.75 GiB more for the default model; BENCHMARKS.md)."""
     if kv_cache_dtype != "auto":
         return named_dtype(kv_cache_dtype, "--kv-cache-dtype")
-    return torch.float32 if device.type == "cpu" else model_dtype
+    return model_dtype
 
 
 def load_tokenizer(path: Path, chat_template: str | None = None) -> Any:

@@ -30,7 +30,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto",
                    help="auto, float32, bfloat16 or float16 (auto: float32 on CPU, bf16 on CUDA)")
     p.add_argument("--kv-cache-dtype", default="auto",
-                   help="auto (float32 on CPU, the model dtype elsewhere) or a dtype")
+                   help="auto (the model dtype) or a dtype")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "neuron"])
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=16)
