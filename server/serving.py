@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import Request
@@ -42,6 +42,7 @@ from server.protocol import (
     Usage,
 )
 
+ENGINE_FAILED = "the engine failed while generating this response"
 RETRY_AFTER_LOADING = "5"
 RETRY_AFTER_QUEUE = "1"
 
@@ -213,8 +214,8 @@ class OpenAIServing:
         return JSONResponse(ChatCompletionResponse(id=rid, model=self.model_name,
                                                    choices=choices, usage=usage).model_dump())
 
-    async def _chat_stream(self, rid: str, req: ChatCompletionRequest, n_prompt: int,
-                           streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
+    def _chat_stream(self, rid: str, req: ChatCompletionRequest, n_prompt: int,
+                     streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         created = int(time.time())
 
@@ -227,35 +228,21 @@ class OpenAIServing:
 
         fast = DeltaEvents({"id": rid, "object": "chat.completion.chunk", "created": created,
                             "model": self.model_name}, "delta", include_usage)
-        for i in range(len(streams)):
-            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant",
-                                                                     content=""))])
-        n_out = 0
-        try:
-            async for i, o in merged(streams):
-                if o.finish_reason == FinishReason.ERROR:
-                    yield sse(APIError(500, "the engine failed while generating this "
-                                            "response").body())
-                    continue
-                if not o.delta and not o.finished:
-                    continue
-                if not o.finished and not req.logprobs:
-                    yield fast(i, o.delta)
-                    self._delivered(o)
-                    continue
-                lp = self._chat_logprobs(o.new_logprobs) if req.logprobs else None
-                yield chunk([ChatChunkChoice(
-                    index=i, delta=DeltaMessage(content=o.delta), logprobs=lp,
-                    finish_reason=o.finish_reason.value if o.finished else None,
-                    stop_reason=o.stop_reason if o.finished else None)])
-                if o.finished:
-                    n_out += len(o.token_ids)
-        except RuntimeError as e:  # the engine stopped under us
-            yield sse(APIError(500, str(e)).body())
-        if include_usage:
-            yield chunk([], Usage(prompt_tokens=n_prompt, completion_tokens=n_out,
-                                  total_tokens=n_prompt + n_out))
-        yield sse("[DONE]")
+
+        def event(i: int, o: RequestOutput) -> str:
+            if not o.finished and not req.logprobs:
+                return fast(i, o.delta)
+            return chunk([ChatChunkChoice(
+                index=i, delta=DeltaMessage(content=o.delta),
+                logprobs=self._chat_logprobs(o.new_logprobs) if req.logprobs else None,
+                finish_reason=o.finish_reason.value if o.finished else None,
+                stop_reason=o.stop_reason if o.finished else None)])
+
+        prologue = [chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant",
+                                                                       content=""))])
+                    for i in range(len(streams))]
+        return self._sse_stream(streams, n_prompt, prologue, event,
+                                (lambda u: chunk([], u)) if include_usage else None)
 
     # -- completions ---------------------------------------------------------------------
 
@@ -294,9 +281,9 @@ class OpenAIServing:
         return JSONResponse(CompletionResponse(id=rid, model=self.model_name, choices=choices,
                                                usage=usage).model_dump())
 
-    async def _completion_stream(self, rid: str, req: CompletionRequest, n_prompt: int,
-                                 echoes: list[str], streams: list[AsyncIterator[RequestOutput]]
-                                 ) -> AsyncIterator[str]:
+    def _completion_stream(self, rid: str, req: CompletionRequest, n_prompt: int,
+                           echoes: list[str], streams: list[AsyncIterator[RequestOutput]]
+                           ) -> AsyncIterator[str]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         created = int(time.time())
         sent = [0] * len(streams)  # characters sent per choice (for text_offset)
@@ -310,39 +297,54 @@ class OpenAIServing:
 
         fast = DeltaEvents({"id": rid, "object": "text_completion", "created": created,
                             "model": self.model_name}, "text", include_usage)
+
+        def event(i: int, o: RequestOutput) -> str:
+            offset, sent[i] = sent[i], sent[i] + len(o.delta)
+            if not o.finished and req.logprobs is None:
+                return fast(i, o.delta)
+            return chunk([CompletionChoice(
+                index=i, text=o.delta,
+                logprobs=(self._completion_logprobs(o.new_logprobs, offset)
+                          if req.logprobs is not None else None),
+                finish_reason=o.finish_reason.value if o.finished else None,
+                stop_reason=o.stop_reason if o.finished else None)])
+
+        prologue = []
         if req.echo:
             for i in range(len(streams)):
                 text = echoes[i // req.n]
                 sent[i] = len(text)
-                yield chunk([CompletionChoice(index=i, text=text, finish_reason=None)])
+                prologue.append(chunk([CompletionChoice(index=i, text=text,
+                                                        finish_reason=None)]))
+        return self._sse_stream(streams, n_prompt, prologue, event,
+                                (lambda u: chunk([], u)) if include_usage else None)
+
+    async def _sse_stream(self, streams: list[AsyncIterator[RequestOutput]], n_prompt: int,
+                          prologue: list[str], event: Callable[[int, RequestOutput], str],
+                          usage_event: Callable[[Usage], str] | None) -> AsyncIterator[str]:
+        """The SSE body shared by chat and completions: ``prologue``, one ``event`` per output
+        with new text (or a finish), an error event if the engine fails, the usage event when
+        asked for, ``[DONE]``."""
+        for e in prologue:
+            yield e
         n_out = 0
         try:
             async for i, o in merged(streams):
                 if o.finish_reason == FinishReason.ERROR:
-                    yield sse(APIError(500, "the engine failed while generating this "
-                                            "response").body())
+                    yield sse(APIError(500, ENGINE_FAILED).body())
                     continue
                 if not o.delta and not o.finished:
                     continue
-                if not o.finished and req.logprobs is None:
-                    sent[i] += len(o.delta)
-                    yield fast(i, o.delta)
-                    self._delivered(o)
-                    continue
-                lp = (self._completion_logprobs(o.new_logprobs, sent[i])
-                      if req.logprobs is not None else None)
-                sent[i] += len(o.delta)
-                yield chunk([CompletionChoice(
-                    index=i, text=o.delta, logprobs=lp,
-                    finish_reason=o.finish_reason.value if o.finished else None,
-                    stop_reason=o.stop_reason if o.finished else None)])
+                yield event(i, o)
                 if o.finished:
                     n_out += len(o.token_ids)
-        except RuntimeError as e:
+                else:
+                    self._delivered(o)
+        except RuntimeError as e:  # the engine stopped under us
             yield sse(APIError(500, str(e)).body())
-        if include_usage:
-            yield chunk([], Usage(prompt_tokens=n_prompt, completion_tokens=n_out,
-                                  total_tokens=n_prompt + n_out))
+        if usage_event is not None:
+            yield usage_event(Usage(prompt_tokens=n_prompt, completion_tokens=n_out,
+                                    total_tokens=n_prompt + n_out))
         yield sse("[DONE]")
 
     # -- shared --------------------------------------------------------------------------
@@ -357,8 +359,8 @@ class OpenAIServing:
         async for i, o in merged(streams):
             last[i] = o
         if any(o.finish_reason == FinishReason.ERROR for o in last.values()):
-            raise APIError(500, "the engine failed while generating this response; the server "
-                                "keeps serving other requests", code="engine_step_failed")
+            raise APIError(500, f"{ENGINE_FAILED}; the server keeps serving other requests",
+                           code="engine_step_failed")
         return [last[i] for i in range(len(streams))]
 
     def _token_text(self, token_id: int) -> str:
