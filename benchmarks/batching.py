@@ -33,7 +33,9 @@ MIN_OUT, MAX_OUT = 16, 512
 class StaticBatchScheduler(Scheduler):
     """The baseline: admit a batch together, admit nothing more until all of it has left."""
 
-    admitting = False
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.admitting = False
 
     def should_prefill(self) -> bool:
         if not self.waiting or not self.slots.can_allocate():

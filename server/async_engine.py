@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from scheduler import FinishReason, SamplingParams, SchedulerStats
@@ -80,7 +80,6 @@ class _Tracked:
     scheduled: float | None = None
     first_token: float | None = None
     last_token: float | None = None
-    outputs: int = field(default=0)
 
 
 def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
@@ -107,7 +106,6 @@ class AsyncEngine:
         self.load_seconds: float | None = None
         # published by the engine thread after every step or batch of commands
         self.num_waiting = 0
-        self.num_running = 0
         self.num_free_slots = 0
         # each written by one thread only: submitted - applied = adds not yet applied
         self._submitted = 0
@@ -227,8 +225,7 @@ class AsyncEngine:
 
     def _publish_scheduler(self) -> None:
         stats = self.engine.scheduler.stats()
-        self.num_waiting, self.num_running = stats.num_waiting, stats.num_running
-        self.num_free_slots = stats.num_free_slots
+        self.num_waiting, self.num_free_slots = stats.num_waiting, stats.num_free_slots
         self._notify("on_scheduler", stats)
 
     def _step(self) -> None:

@@ -11,16 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from server.config import bucket_list
+
 if TYPE_CHECKING:
     from server.engine import EngineConfig
-
-
-def _bucket_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        msg = f"expected comma-separated integers, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -34,9 +28,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "neuron"])
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=16)
-    p.add_argument("--context-encoding-buckets", type=_bucket_list, default=None,
+    p.add_argument("--context-encoding-buckets", type=bucket_list, default=None,
                    help="prefill lengths, e.g. 128,256,512 (default: two per octave)")
-    p.add_argument("--token-generation-buckets", type=_bucket_list, default=None,
+    p.add_argument("--token-generation-buckets", type=bucket_list, default=None,
                    help="decode context lengths (default: powers of two up to max-model-len)")
     p.add_argument("--compile", action="store_true", help="torch.compile one graph per bucket")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file")

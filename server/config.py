@@ -25,7 +25,7 @@ class ConfigError(ValueError):
     """A bad flag or environment value; the message names it."""
 
 
-def _bucket_list(text: str) -> tuple[int, ...]:
+def bucket_list(text: str) -> tuple[int, ...]:
     try:
         out = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
@@ -144,9 +144,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="require `Authorization: Bearer KEY` on every route but /health, /ping")
     p.add_argument("--chat-template", default=d.chat_template,
                    help="a Jinja chat template, or a file holding one")
-    p.add_argument("--context-encoding-buckets", type=_bucket_list, default=None,
+    p.add_argument("--context-encoding-buckets", type=bucket_list, default=None,
                    help="prefill lengths, e.g. 128,256,512 (default: three per octave)")
-    p.add_argument("--token-generation-buckets", type=_bucket_list, default=None,
+    p.add_argument("--token-generation-buckets", type=bucket_list, default=None,
                    help="decode context lengths (default: powers of two to max-model-len)")
     p.add_argument("--max-queue-len", type=int, default=d.max_queue_len,
                    help="waiting requests beyond this get 429 with Retry-After")

@@ -74,7 +74,6 @@ class Engine:
         self.model_name = model_name
         self.output = OutputProcessor(tokenizer)
         self._ids = itertools.count()
-        self.last_step_seconds = 0.0
         self.last_scheduled: SchedulerOutput | None = None
 
     @classmethod
@@ -133,7 +132,6 @@ class Engine:
     # -- the loop ------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        t0 = time.perf_counter()
         out = self.scheduler.schedule()
         self.last_scheduled = out
         try:
@@ -146,7 +144,6 @@ class Engine:
             steps = self.scheduler.update(out, result)
         outputs, stopped = self.output.process(steps)
         self.scheduler.finish_requests(stopped, FinishReason.STOP)
-        self.last_step_seconds = time.perf_counter() - t0
         return outputs
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
