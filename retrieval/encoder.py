@@ -1,0 +1,252 @@
+"""ColBERT late-interaction encoder for checkpoints in the standard ``HF_ColBERT`` layout.
+
+A checkpoint directory holds a BERT (``config.json``, weights whose keys start with ``bert.``), the
+projection ``linear.weight: [dim, hidden]`` (no bias), its tokenizer, and usually colbert-ai's
+``artifact.metadata`` (the ColBERT config it was trained with). ``colbert-ir/colbertv2.0`` is one.
+
+Tokenization follows colbert-ai 0.2.22 (``colbert/modeling/tokenization``) exactly:
+- query: ``[CLS] [Q] tokens [SEP]`` padded to ``query_maxlen`` with ``[MASK]`` (query
+  augmentation); the ``[MASK]`` positions are not attended to unless ``attend_to_mask_tokens``,
+  but every position, ``[MASK]`` included, is an output vector;
+- document: ``[CLS] [D] tokens [SEP]`` truncated to ``doc_maxlen``; padding and punctuation
+  (``mask_punctuation``) vectors are dropped.
+``[Q]``/``[D]`` are the ``[unused0]``/``[unused1]`` vocabulary entries. Every output vector is
+L2-normalized, so MaxSim scores are sums of cosines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+COLBERT_METADATA = "artifact.metadata"
+
+
+class EncoderError(ValueError):
+    """The encoder checkpoint cannot be used (missing files, wrong layout)."""
+
+
+@dataclass(frozen=True)
+class ColBERTSettings:
+    """The part of colbert-ai's ``ColBERTConfig`` that changes what the encoder outputs."""
+
+    dim: int = 128
+    query_maxlen: int = 32
+    doc_maxlen: int = 180
+    attend_to_mask_tokens: bool = False
+    mask_punctuation: bool = True
+    query_token_id: str = "[unused0]"
+    doc_token_id: str = "[unused1]"
+
+    @classmethod
+    def from_metadata(cls, meta: dict, dim: int) -> ColBERTSettings:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in meta.items() if k in known and v is not None}
+        values["dim"] = dim  # the projection's shape is the truth
+        return cls(**values)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
+    st = path / "model.safetensors"
+    if st.exists():
+        from safetensors.torch import load_file
+
+        return load_file(str(st))
+    pt = path / "pytorch_model.bin"
+    if pt.exists():
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise EncoderError(f"{path}: no model.safetensors or pytorch_model.bin (HF_ColBERT layout)")
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A local directory as is; otherwise a Hugging Face repo id from the local hub cache (or
+    downloaded, unless ``HF_HUB_OFFLINE`` is set)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).count("/") != 1:
+        raise EncoderError(f"retriever model {name_or_path!r}: not a directory or a hub repo id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path)))
+    except Exception as e:  # offline, unknown repo, no network: one clear message
+        raise EncoderError(
+            f"retriever model {name_or_path!r} is not a local directory and could not be fetched "
+            f"from the Hugging Face hub ({type(e).__name__}); download it and pass its path"
+        ) from e
+
+
+class ColBERTEncoder:
+    """Encodes queries and documents into L2-normalized token embeddings."""
+
+    def __init__(self, path: Path, *, name: str | None = None, dtype: str = "float32",
+                 num_threads: int | None = None) -> None:
+        import torch
+        from transformers import AutoTokenizer, BertConfig, BertModel
+
+        self.path = Path(path)
+        self.name = name or str(path)
+        if not (self.path / "config.json").exists():
+            raise EncoderError(f"{self.path}: no config.json (HF_ColBERT layout expected)")
+        meta_file = self.path / COLBERT_METADATA
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        state = _weights(self.path)
+        if "linear.weight" not in state:
+            raise EncoderError(f"{self.path}: no 'linear.weight' projection (not an HF_ColBERT "
+                               "checkpoint)")
+        linear = state.pop("linear.weight")
+        bert_state = {k.removeprefix("bert."): v for k, v in state.items() if k.startswith("bert.")}
+        if not bert_state:
+            raise EncoderError(f"{self.path}: no 'bert.*' weights (HF_ColBERT layout expected)")
+        config = BertConfig.from_pretrained(str(self.path))
+        bert = BertModel(config, add_pooling_layer=False)
+        missing, _ = bert.load_state_dict(bert_state, strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing:
+            raise EncoderError(f"{self.path}: checkpoint lacks {len(missing)} BERT weights, "
+                               f"e.g. {missing[0]}")
+        self.dtype = getattr(torch, dtype)
+        self.bert = bert.eval().to(self.dtype)
+        self.linear = linear.to(self.dtype)
+        self.settings = ColBERTSettings.from_metadata(meta, dim=linear.shape[0])
+        self.label = str(meta.get("ragserve_label", "ColBERT"))
+        self.num_threads = num_threads
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), use_fast=True)
+        tok = self.tokenizer
+        self.q_marker = tok.convert_tokens_to_ids(self.settings.query_token_id)
+        self.d_marker = tok.convert_tokens_to_ids(self.settings.doc_token_id)
+        if tok.unk_token_id in (self.q_marker, self.d_marker):
+            raise EncoderError(f"{self.path}: tokenizer has no {self.settings.query_token_id} / "
+                               f"{self.settings.doc_token_id} marker tokens")
+        skip = {tok.pad_token_id}
+        if self.settings.mask_punctuation:
+            for symbol in string.punctuation:
+                skip.add(tok.convert_tokens_to_ids(symbol))
+                skip.update(tok.encode(symbol, add_special_tokens=False)[:1])
+        self._skip = torch.tensor(sorted(skip))
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **kwargs: object) -> ColBERTEncoder:
+        kwargs.setdefault("name", str(name_or_path))
+        return cls(resolve_checkpoint(name_or_path), **kwargs)  # type: ignore[arg-type]
+
+    # -- identity --------------------------------------------------------------------------------
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the settings and every weight: an index built with another encoder (or the
+        same name with other weights) is refused at load."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(json.dumps(asdict(self.settings), sort_keys=True).encode())
+            for k, v in sorted(self.bert.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().float().contiguous().numpy().tobytes())
+            h.update(self.linear.float().contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def describe(self) -> dict:
+        return {"name": self.name, "label": self.label, "fingerprint": self.fingerprint,
+                "settings": asdict(self.settings)}
+
+    # -- encoding --------------------------------------------------------------------------------
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        with torch.inference_mode():
+            hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+            out = hidden @ self.linear.T  # [B, L, dim]
+            return torch.nn.functional.normalize(out.float(), p=2, dim=-1)
+
+    def _threads(self) -> _Threads:
+        return _Threads(self.num_threads)
+
+    def query_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """colbert-ai's ``QueryTokenizer.tensorize``: ids and mask, ``[B, query_maxlen]``."""
+        import torch
+
+        s = self.settings
+        enc = self.tokenizer(list(texts), padding="max_length", truncation=True,
+                             max_length=s.query_maxlen - 1, return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        ones = torch.ones_like(ids[:, :1])
+        ids = torch.cat([ids[:, :1], ones * self.q_marker, ids[:, 1:]], dim=1)
+        mask = torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
+        ids[ids == self.tokenizer.pad_token_id] = self.tokenizer.mask_token_id
+        if s.attend_to_mask_tokens:
+            mask[ids == self.tokenizer.mask_token_id] = 1
+        return ids, mask
+
+    def encode_queries(self, texts: Sequence[str]) -> torch.Tensor:
+        """``[B, query_maxlen, dim]``: every position, [MASK] augmentation included."""
+        ids, mask = self.query_ids(texts)
+        with self._threads():
+            return self._forward(ids, mask)
+
+    def encode_documents(self, texts: Sequence[str], *, batch_size: int = 32,
+                         progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+        """One ``[n_tokens_i, dim]`` tensor per text (pads and punctuation dropped).
+
+        Texts are batched by length so little compute goes to padding; ``progress(n)`` is called
+        after each batch with the number of texts it encoded.
+        """
+        import torch
+
+        s = self.settings
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[torch.Tensor | None] = [None] * len(texts)
+        with self._threads():
+            for b in range(0, len(order), batch_size):
+                idx = order[b:b + batch_size]
+                enc = self.tokenizer([texts[i] for i in idx], padding="longest",
+                                     truncation="longest_first", max_length=s.doc_maxlen - 1,
+                                     return_tensors="pt")
+                ids, mask = enc["input_ids"], enc["attention_mask"]
+                ones = torch.ones_like(ids[:, :1])
+                ids = torch.cat([ids[:, :1], ones * self.d_marker, ids[:, 1:]], dim=1)
+                mask = torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
+                emb = self._forward(ids, mask)
+                keep = ~torch.isin(ids, self._skip)
+                for row, i in enumerate(idx):
+                    out[i] = emb[row][keep[row]].clone()
+                if progress is not None:
+                    progress(len(idx))
+        return out  # type: ignore[return-value]
+
+    def doc_token_count(self, text: str) -> int:
+        """Tokens ``text`` takes in a document, markers included (limit: ``doc_maxlen``)."""
+        return len(self.tokenizer(text, add_special_tokens=True)["input_ids"]) + 1
+
+
+class _Threads:
+    """Temporarily sets torch's intra-op thread count (None: leave it alone)."""
+
+    def __init__(self, n: int | None) -> None:
+        self.n = n
+        self.prev = 0
+
+    def __enter__(self) -> None:
+        import torch
+
+        if self.n:
+            self.prev = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        if self.n:
+            torch.set_num_threads(self.prev)
