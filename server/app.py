@@ -17,6 +17,7 @@ from server.config import ServerConfig
 from server.engine import Engine
 from server.errors import APIError, error_response
 from server.metrics import Metrics
+from server.rag import RAGService
 from server.routes import router, validation_message
 from server.serving import ClientDisconnected, OpenAIServing
 
@@ -94,19 +95,23 @@ def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
         return engine
 
     engine = AsyncEngine(build, observer=metrics, on_failure=on_engine_failure)
+    rag = RAGService(config, metrics, on_failure=on_engine_failure)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        rag.start()
         yield
         engine.stop()
+        rag.stop()
 
     app = FastAPI(title="ragserve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible LLM server (multi-bucket static graphs, "
                               "continuous batching).")
     app.state.config = config
     app.state.metrics = metrics
-    app.state.serving = OpenAIServing(engine, config, metrics)
+    app.state.rag = rag
+    app.state.serving = OpenAIServing(engine, config, metrics, rag)
     app.include_router(router)
 
     @app.exception_handler(APIError)

@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.set_defaults(func=cmd_generate)
+    from retrieval.cli import add_index_parser
+    from runtime.loader import default_cache_dir
+
+    add_index_parser(sub, default_cache_dir())
     return parser
 
 

@@ -19,6 +19,7 @@ from server.engine import EngineConfig
 
 ENV_PREFIX = "RAGSERVE_"
 DEVICES = ("cpu", "cuda", "neuron")
+GROUNDING_MODES = ("report", "strip", "off")
 
 
 class ConfigError(ValueError):
@@ -67,6 +68,12 @@ class ServerConfig:
     compile: bool = False
     cache_dir: Path | None = None
     log_level: str = "info"
+    index: Path | None = None
+    retriever_model: str | None = None
+    rag_top_k: int = 5
+    rag_answer_tokens: int = 256
+    grounding: str = "report"
+    grounding_threshold: float = 0.65
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535, "--port", f"must be in 1..65535, got {self.port}")
@@ -87,6 +94,16 @@ class ServerConfig:
                  f"must be >= 1024, got {self.max_request_bytes}")
         _require(self.shutdown_grace_seconds >= 0, "--shutdown-grace-seconds",
                  f"must be >= 0, got {self.shutdown_grace_seconds}")
+        _require(1 <= self.rag_top_k <= 50, "--rag-top-k",
+                 f"must be in 1..50, got {self.rag_top_k}")
+        _require(self.rag_answer_tokens >= 1, "--rag-answer-tokens",
+                 f"must be >= 1, got {self.rag_answer_tokens}")
+        _require(self.grounding in GROUNDING_MODES, "--grounding",
+                 f"must be one of {GROUNDING_MODES}, got {self.grounding!r}")
+        _require(-1.0 <= self.grounding_threshold <= 1.0, "--grounding-threshold",
+                 f"must be in -1..1 (a cosine), got {self.grounding_threshold}")
+        _require(self.index is None or self.index.is_dir(), "--index",
+                 f"{self.index} is not a directory (build one with `ragserve index build`)")
         _require(self.log_level in ("critical", "error", "warning", "info", "debug"),
                  "--log-level", f"must be critical, error, warning, info or debug, got "
                  f"{self.log_level!r}")
@@ -158,6 +175,22 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile one graph per bucket")
     p.add_argument("--cache-dir", type=Path, default=d.cache_dir)
     p.add_argument("--log-level", default=d.log_level)
+    r = p.add_argument_group("retrieval-augmented generation")
+    r.add_argument("--index", type=Path, default=d.index,
+                   help="a `ragserve index build` directory: enables /v1/retrieve and `rag` in "
+                        "chat requests (loaded once at start; /ready waits for it)")
+    r.add_argument("--retriever-model", default=d.retriever_model,
+                   help="HF_ColBERT checkpoint dir or hub id (default: the encoder the index "
+                        "was built with)")
+    r.add_argument("--rag-top-k", type=int, default=d.rag_top_k,
+                   help="passages retrieved per RAG request unless it sets rag.top_k")
+    r.add_argument("--rag-answer-tokens", type=int, default=d.rag_answer_tokens,
+                   help="prompt room kept for the answer when a RAG request sets no max_tokens")
+    r.add_argument("--grounding", default=d.grounding, choices=GROUNDING_MODES,
+                   help="report unsupported cited sentences, strip them, or skip the check")
+    r.add_argument("--grounding-threshold", type=float, default=d.grounding_threshold,
+                   help="support (mean best token cosine) below which a cited sentence is "
+                        "unsupported; 0.65 is calibrated for the default encoder")
 
 
 def config_from_args(argv: Sequence[str] | None = None,

@@ -19,6 +19,7 @@ ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
                1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
                 5.12, 10.24)
+PASSAGE_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 
 
@@ -77,6 +78,16 @@ class Metrics:
                                       "Time of one engine step (schedule, forward, sample, "
                                       "detokenize).", (*m, "phase"), buckets=STEP_BUCKETS,
                                       registry=r)
+        self.retrieval_seconds = Histogram("ragserve_retrieval_seconds",
+                                           "Time of one retrieval (query encoding and index "
+                                           "search).", m, buckets=STEP_BUCKETS, registry=r)
+        self.retrieved_passages = Histogram("ragserve_retrieved_passages",
+                                            "Passages placed in the prompt per RAG request.", m,
+                                            buckets=PASSAGE_BUCKETS, registry=r)
+        self.unsupported_citations = Counter("ragserve_unsupported_citations",
+                                             "Citations that point to no passage or whose "
+                                             "sentence the cited passages do not support.",
+                                             (*m, "kind"), registry=r)
         self._children: dict[tuple[int, str], Histogram] = {}
         for g in (self.running, self.waiting, self.kv_usage):
             g.labels(model_name).set(0)
@@ -114,6 +125,17 @@ class Metrics:
 
     def observe_delivery(self, seconds: float) -> None:
         self._child(self.delivery).observe(seconds)
+
+    def observe_retrieval(self, seconds: float) -> None:
+        self.retrieval_seconds.labels(self.model_name).observe(seconds)
+
+    def observe_rag(self, passages_used: int, invalid: int, unsupported: int) -> None:
+        """One RAG answer: passages in its prompt, citations to no passage, citations whose
+        sentence is unsupported."""
+        name = self.model_name
+        self.retrieved_passages.labels(name).observe(passages_used)
+        self.unsupported_citations.labels(name, "invalid").inc(invalid)
+        self.unsupported_citations.labels(name, "unsupported").inc(unsupported)
 
     def _child(self, metric: Histogram) -> Histogram:
         """The ``model_name`` child, cached: it is hit once per token."""

@@ -38,15 +38,17 @@ def message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def chat_prompt_ids(tokenizer: Any, req: ChatCompletionRequest,
-                    default_template: str | None) -> list[int]:
+def chat_prompt_ids(tokenizer: Any, req: ChatCompletionRequest, default_template: str | None,
+                    messages: list[dict[str, Any]] | None = None) -> list[int]:
+    """The chat prompt's token ids (``messages`` replaces the request's, e.g. with RAG)."""
     template = req.chat_template or default_template or tokenizer.chat_template
     if template is None:
         raise bad_request("this model has no chat template: start the server with "
                           "--chat-template, or use /v1/completions", "messages")
     try:
         ids = tokenizer.apply_chat_template(
-            message_dicts(req.messages), chat_template=template, tokenize=True,
+            message_dicts(req.messages) if messages is None else messages,
+            chat_template=template, tokenize=True,
             add_generation_prompt=req.add_generation_prompt)
     except APIError:
         raise

@@ -86,8 +86,21 @@ class SamplingFields(Strict):
         return self
 
 
+class RAGOptions(Strict):
+    """ragserve extension: answer from retrieved passages, with ``[n]`` citations."""
+
+    top_k: int | None = Field(default=None, ge=1, le=50,
+                              description="passages to retrieve (default: --rag-top-k)")
+    grounding: Literal["report", "strip", "off"] | None = Field(
+        default=None, description="report unsupported sentences, strip them, or skip the "
+                                  "check (default: --grounding)")
+    max_context_tokens: int | None = Field(default=None, ge=1,
+                                           description="cap on prompt tokens spent on passages")
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    rag: RAGOptions | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -216,6 +229,16 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class RetrieverInfo(BaseModel):
+    status: str
+    index: str
+    encoder: str | None = None
+    label: str | None = Field(default=None, description="e.g. 'not ColBERT-trained'")
+    backend: str | None = None
+    passages: int | None = None
+    documents: int | None = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -223,6 +246,61 @@ class ModelCard(BaseModel):
     owned_by: str = "ragserve"
     root: str | None = None
     max_model_len: int | None = None
+    retriever: RetrieverInfo | None = None
+
+
+class RetrieveRequest(Strict):
+    model: str | None = None
+    query: str = Field(min_length=1, max_length=8192)
+    k: int = Field(default=5, ge=1, le=100)
+
+
+class RetrievedPassage(BaseModel):
+    chunk_id: int
+    doc_id: str
+    text: str
+    score: float
+    source: str
+    page: int | None
+    start: int
+    end: int
+
+
+class RetrieveResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[RetrievedPassage]
+
+
+class Source(BaseModel):
+    number: int = Field(description="what `[n]` in the answer refers to")
+    chunk_id: int
+    doc_id: str
+    source: str
+    page: int | None
+    score: float
+    text: str
+
+
+class SentenceGrounding(BaseModel):
+    text: str
+    citations: list[int]
+    support: float | None
+    supported: bool | None
+
+
+class Grounding(BaseModel):
+    mode: str
+    threshold: float
+    invalid_citations: list[int] = Field(description="removed: they point to no passage")
+    unsupported: int = Field(description="cited sentences their passages do not support")
+    removed_sentences: int
+    sentences: list[SentenceGrounding]
+
+
+class RAGChatCompletionResponse(ChatCompletionResponse):
+    sources: list[Source]
+    grounding: Grounding | None
 
 
 class ModelList(BaseModel):
@@ -247,3 +325,4 @@ class ReadyResponse(BaseModel):
     error: str | None = None
     context_encoding_buckets: list[int] | None = None
     token_generation_buckets: list[int] | None = None
+    retriever: RetrieverInfo | None = None

@@ -21,6 +21,9 @@ from server.protocol import (
     ModelCard,
     ModelList,
     ReadyResponse,
+    RetrievedPassage,
+    RetrieveRequest,
+    RetrieveResponse,
     TokenizeRequest,
     TokenizeResponse,
 )
@@ -66,7 +69,21 @@ async def models(request: Request) -> ModelList:
     engine = serving.engine.engine
     max_len = engine.scheduler.buckets.max_model_len if engine else None
     root = str(engine.model_name) if engine else None
-    return ModelList(data=[ModelCard(id=serving.model_name, root=root, max_model_len=max_len)])
+    retriever = request.app.state.rag.info()
+    return ModelList(data=[ModelCard(id=serving.model_name, root=root, max_model_len=max_len,
+                                     retriever=retriever)])
+
+
+@router.post("/v1/retrieve", response_model=RetrieveResponse, responses=ERRORS, tags=["ragserve"])
+async def retrieve(body: RetrieveRequest, request: Request) -> RetrieveResponse:
+    """The passages the retriever finds for `query`, best first (ColBERT MaxSim scores)."""
+    rag = request.app.state.rag
+    if body.model is not None:
+        request.app.state.serving.check_model(body.model)
+    hits = await rag.search(body.query, body.k)
+    return RetrieveResponse(model=rag.index.encoder.name, data=[
+        RetrievedPassage(chunk_id=p.chunk_id, doc_id=p.doc_id, text=p.text, score=p.score,
+                         source=p.source, page=p.page, start=p.start, end=p.end) for p in hits])
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS, tags=["vllm"])
@@ -104,15 +121,19 @@ async def health() -> Response:
 
 def _ready(request: Request) -> JSONResponse:
     engine = request.app.state.serving.engine
+    rag = request.app.state.rag
     body = ReadyResponse(status=engine.state.value, load_seconds=engine.load_seconds,
-                         error=engine.error)
-    if engine.ready:
+                         error=engine.error, retriever=rag.info())
+    if engine.ready and rag.enabled and rag.state != "ready":
+        body.status = "loading" if rag.state == "loading" else "failed"
+        body.error = rag.error
+    elif engine.ready:
         b = engine.engine.scheduler.buckets
         body.model = request.app.state.serving.model_name
         body.context_encoding_buckets = list(b.context_encoding_buckets)
         body.token_generation_buckets = list(b.token_generation_buckets)
         return JSONResponse(body.model_dump(exclude_none=True))
-    headers = {"Retry-After": "5"} if engine.state.value == "loading" else {}
+    headers = {"Retry-After": "5"} if body.status == "loading" else {}
     return JSONResponse(body.model_dump(exclude_none=True), status_code=503, headers=headers)
 
 

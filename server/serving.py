@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import Request
@@ -15,13 +15,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from scheduler import FinishReason, SamplingParams, TokenLogprobs
 from server.async_engine import AsyncEngine, EngineState
 from server.config import ServerConfig
-from server.errors import APIError
+from server.errors import APIError, bad_request
 from server.metrics import Metrics
 from server.output import RequestOutput
 from server.preprocess import (
     chat_prompt_ids,
     check_unsupported,
     completion_prompts,
+    message_dicts,
     sampling_params,
 )
 from server.protocol import (
@@ -41,6 +42,7 @@ from server.protocol import (
     TopLogprob,
     Usage,
 )
+from server.rag import CitationFilter, RAGContext, RAGService
 
 ENGINE_FAILED = "the engine failed while generating this response"
 RETRY_AFTER_LOADING = "5"
@@ -133,10 +135,11 @@ class OpenAIServing:
     """Chat and completions over an AsyncEngine."""
 
     def __init__(self, engine: AsyncEngine, config: ServerConfig,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, rag: RAGService | None = None) -> None:
         self.engine = engine
         self.config = config
         self.metrics = metrics
+        self.rag = rag or RAGService(config, metrics)
         self.chat_template = config.chat_template_text()
 
     # -- checks --------------------------------------------------------------------------
@@ -190,18 +193,23 @@ class OpenAIServing:
         self._admit(req.model)
         check_unsupported(req)
         engine = self.engine.engine
-        ids = chat_prompt_ids(engine.tokenizer, req, self.chat_template)
+        rag = await self._rag_prompt(req) if req.rag is not None else None
+        ids = rag.prompt_ids if rag else chat_prompt_ids(engine.tokenizer, req,
+                                                          self.chat_template)
         params = [sampling_params(req, len(ids), engine.scheduler, i) for i in range(req.n)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = self._submit(rid, [ids], [params], arrival)
         if req.stream:
-            return StreamingResponse(self._chat_stream(rid, req, len(ids), streams),
+            return StreamingResponse(self._chat_stream(rid, req, len(ids), streams, rag),
                                      media_type="text/event-stream")
         finals = await until_disconnected(raw, self._finals(streams))
+        texts = [o.text for o in finals]
+        if rag is not None:
+            texts[0], grounding = await self.rag.check(rag, 0, texts[0])
         choices = [
             ChatChoice(
                 index=i,
-                message=AssistantMessage(content=o.text),
+                message=AssistantMessage(content=texts[i]),
                 logprobs=self._chat_logprobs(o.logprobs) if req.logprobs else None,
                 finish_reason=o.finish_reason.value,
                 stop_reason=o.stop_reason,
@@ -211,20 +219,37 @@ class OpenAIServing:
         n_out = sum(len(o.token_ids) for o in finals)
         usage = Usage(prompt_tokens=len(ids), completion_tokens=n_out,
                       total_tokens=len(ids) + n_out)
-        return JSONResponse(ChatCompletionResponse(id=rid, model=self.model_name,
-                                                   choices=choices, usage=usage).model_dump())
+        body = ChatCompletionResponse(id=rid, model=self.model_name, choices=choices,
+                                      usage=usage).model_dump()
+        if rag is not None:
+            body.update(sources=rag.sources(), grounding=grounding)
+        return JSONResponse(body)
+
+    async def _rag_prompt(self, req: ChatCompletionRequest) -> RAGContext:
+        if req.n != 1:
+            raise bad_request("rag requests support n=1 only (one grounded answer)", "n")
+        scheduler = self.engine.engine.scheduler
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        buckets = scheduler.buckets
+        return await self.rag.prepare(
+            message_dicts(req.messages), req.rag, max_tokens,
+            (buckets.max_prompt_len, buckets.max_model_len),
+            lambda msgs: chat_prompt_ids(self.engine.engine.tokenizer, req, self.chat_template,
+                                         msgs))
 
     def _chat_stream(self, rid: str, req: ChatCompletionRequest, n_prompt: int,
-                     streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
+                     streams: list[AsyncIterator[RequestOutput]],
+                     rag: RAGContext | None = None) -> AsyncIterator[str]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         created = int(time.time())
 
-        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None,
+                  **extra: Any) -> str:
             c = ChatCompletionChunk(id=rid, created=created, model=self.model_name,
                                     choices=choices, usage=usage).model_dump()
             if not include_usage:
                 c.pop("usage")
-            return sse(c)
+            return sse({**c, **extra})
 
         fast = DeltaEvents({"id": rid, "object": "chat.completion.chunk", "created": created,
                             "model": self.model_name}, "delta", include_usage)
@@ -238,11 +263,39 @@ class OpenAIServing:
                 finish_reason=o.finish_reason.value if o.finished else None,
                 stop_reason=o.stop_reason if o.finished else None)])
 
+        extra = {"sources": rag.sources()} if rag is not None else {}
         prologue = [chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant",
-                                                                       content=""))])
+                                                                       content=""))], **extra)
                     for i in range(len(streams))]
-        return self._sse_stream(streams, n_prompt, prologue, event,
-                                (lambda u: chunk([], u)) if include_usage else None)
+        usage_event = (lambda u: chunk([], u)) if include_usage else None
+        if rag is None:
+            return self._sse_stream(streams, n_prompt, prologue, event, usage_event)
+        return self._rag_sse_stream(streams, n_prompt, prologue, rag, chunk, fast, usage_event)
+
+    async def _rag_sse_stream(self, streams: list[AsyncIterator[RequestOutput]], n_prompt: int,
+                              prologue: list[str], rag: RAGContext,
+                              chunk: Callable[..., str], fast: DeltaEvents,
+                              usage_event: Callable[[Usage], str] | None) -> AsyncIterator[str]:
+        """A RAG answer's stream: ``sources`` in the first event; text without invalid
+        citations (held back only while a ``[`` may still become one); the grounding report in
+        an event of its own after the finish. With --grounding strip the answer is sent once
+        checked, since a sentence can only be judged when complete."""
+        strip = rag.grounding == "strip"
+        cite = CitationFilter(len(rag.passages))
+
+        async def event(i: int, o: RequestOutput) -> str:
+            if o.finished:
+                text, report = await self.rag.check(rag, 0, o.text)
+                delta = text if strip else cite.feed(text, final=True)
+                return (chunk([ChatChunkChoice(
+                    index=0, delta=DeltaMessage(content=delta),
+                    finish_reason=o.finish_reason.value, stop_reason=o.stop_reason)])
+                    + chunk([], grounding=report))
+            delta = "" if strip else cite.feed(o.text, final=False)
+            return fast(0, delta) if delta else ""
+
+        async for e in self._sse_stream(streams, n_prompt, prologue, event, usage_event):
+            yield e
 
     # -- completions ---------------------------------------------------------------------
 
@@ -320,11 +373,12 @@ class OpenAIServing:
                                 (lambda u: chunk([], u)) if include_usage else None)
 
     async def _sse_stream(self, streams: list[AsyncIterator[RequestOutput]], n_prompt: int,
-                          prologue: list[str], event: Callable[[int, RequestOutput], str],
+                          prologue: list[str],
+                          event: Callable[[int, RequestOutput], str | Awaitable[str]],
                           usage_event: Callable[[Usage], str] | None) -> AsyncIterator[str]:
         """The SSE body shared by chat and completions: ``prologue``, one ``event`` per output
-        with new text (or a finish), an error event if the engine fails, the usage event when
-        asked for, ``[DONE]``."""
+        with new text (or a finish; an async ``event`` is awaited, an empty one skipped), an
+        error event if the engine fails, the usage event when asked for, ``[DONE]``."""
         for e in prologue:
             yield e
         n_out = 0
@@ -335,7 +389,11 @@ class OpenAIServing:
                     continue
                 if not o.delta and not o.finished:
                     continue
-                yield event(i, o)
+                e = event(i, o)
+                if not isinstance(e, str):
+                    e = await e
+                if e:
+                    yield e
                 if o.finished:
                     n_out += len(o.token_ids)
                 else:

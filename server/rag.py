@@ -1,0 +1,236 @@
+"""Retrieval-augmented chat: the in-process retriever, the RAG prompt, the grounding check.
+
+A chat request opts in with a ``rag`` object (``{"rag": {"top_k": 5}}``). The last user turn is
+the query; the passages found are numbered ``[1]..[k]`` and placed, with instructions to cite
+them and to say "I don't know" when they lack the answer, in a system message at the head of the
+conversation. Passages go in best first while the prompt fits the largest prefill bucket and
+leaves room for the answer; those that do not fit are left out and counted in the response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from server.errors import APIError, bad_request
+
+if TYPE_CHECKING:
+    from retrieval.grounding import GroundingReport
+    from retrieval.index import PassageIndex
+    from retrieval.types import Passage
+    from server.config import ServerConfig
+    from server.metrics import Metrics
+
+log = logging.getLogger("ragserve.rag")
+
+RAG_INSTRUCTIONS = (
+    "Answer the question using only the numbered passages below. After each sentence, cite the "
+    "passages that support it by their numbers in square brackets, like [1] or [2][3]. If the "
+    "passages do not contain the answer, reply: I don't know."
+)
+RETRY_AFTER = "5"
+
+
+def format_passages(passages: Sequence[Passage]) -> str:
+    blocks = []
+    for n, p in enumerate(passages, 1):
+        where = p.doc_id + (f", page {p.page}" if p.page is not None else "")
+        blocks.append(f"[{n}] ({where})\n{p.text.strip()}")
+    return "\n\n".join(blocks)
+
+
+def rag_messages(messages: list[dict[str, Any]], passages: Sequence[Passage]) -> list[dict]:
+    """``messages`` with the instructions and numbered passages in a leading system message
+    (merged into the client's own system message, which keeps its text after ours)."""
+    context = RAG_INSTRUCTIONS + "\n\nPassages:\n\n" + (format_passages(passages) or "(none)")
+    if messages and messages[0]["role"] == "system":
+        head = {**messages[0], "content": context + "\n\n" + messages[0]["content"]}
+        return [head, *messages[1:]]
+    return [{"role": "system", "content": context}, *messages]
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    for m in reversed(messages):
+        if m["role"] == "user" and m["content"].strip():
+            return m["content"]
+    raise bad_request("a rag request needs a user message with text: the last user turn is "
+                      "the retrieval query", "messages")
+
+
+@dataclass
+class RAGContext:
+    """What one RAG request retrieved and put into its prompt."""
+
+    prompt_ids: list[int]
+    passages: list[Passage]  # in the prompt, numbered from 1
+    retrieved: int
+    grounding: str
+    context_tokens: int
+    reports: dict[int, GroundingReport] = field(default_factory=dict)
+
+    def sources(self) -> list[dict[str, Any]]:
+        return [{"number": n, "chunk_id": p.chunk_id, "doc_id": p.doc_id, "source": p.source,
+                 "page": p.page, "score": round(p.score, 4), "text": p.text}
+                for n, p in enumerate(self.passages, 1)]
+
+
+class RAGService:
+    """Owns the index: loads it in the background at start, searches off the event loop (one
+    search at a time, on its own thread), runs the grounding check."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None,
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.on_failure = on_failure
+        self.index: PassageIndex | None = None
+        self.state = "disabled" if config.index is None else "loading"
+        self.error: str | None = None
+        self.load_seconds: float | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragserve-retriever")
+        self._thread: threading.Thread | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.index is not None
+
+    def start(self) -> None:
+        if self.enabled and self._thread is None:
+            self._thread = threading.Thread(target=self._load, name="ragserve-index-load",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _load(self) -> None:
+        from retrieval.default_encoder import load_encoder
+        from retrieval.index import PassageIndex, read_manifest
+        from runtime.loader import default_cache_dir
+
+        t0 = time.perf_counter()
+        try:
+            path = self.config.index
+            name = self.config.retriever_model or read_manifest(path)["encoder"]["name"]
+            encoder = load_encoder(name, self.config.cache_dir or default_cache_dir())
+            log.info("retriever encoder %s: %s, dim %d", encoder.name, encoder.label,
+                     encoder.settings.dim)
+            self.index = PassageIndex.load(path, encoder)
+            self.index.search("warm up", 1)  # first-call costs out of the first request
+        except Exception as e:
+            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+            log.error("the index at %s failed to load: %s", self.config.index, self.error)
+            if self.on_failure is not None:
+                self.on_failure(e)
+            return
+        self.load_seconds = time.perf_counter() - t0
+        self.state = "ready"
+        log.info("index %s loaded in %.1fs: %d passages from %d documents (%s backend)",
+                 path, self.load_seconds, len(self.index), len(self.index.doc_ids),
+                 self.index.backend.name)
+
+    def info(self) -> dict[str, Any] | None:
+        if not self.enabled:
+            return None
+        out: dict[str, Any] = {"status": self.state, "index": str(self.config.index)}
+        if self.index is not None:
+            out.update(encoder=self.index.encoder.name, label=self.index.encoder.label,
+                       backend=self.index.backend.name, passages=len(self.index),
+                       documents=len(self.index.doc_ids))
+        return out
+
+    def check_ready(self) -> PassageIndex:
+        if not self.enabled:
+            raise bad_request("retrieval is not enabled on this server: start it with "
+                              "--index INDEX_DIR (see `ragserve index build`)", "rag")
+        if self.index is None:
+            if self.state == "loading":
+                raise APIError(503, "the retrieval index is still loading",
+                               code="index_loading", headers={"Retry-After": RETRY_AFTER})
+            raise APIError(503, f"the retrieval index is not available: {self.error}",
+                           code="index_unavailable")
+        return self.index
+
+    async def search(self, query: str, k: int) -> list[Passage]:
+        index = self.check_ready()
+        t0 = time.perf_counter()
+        hits = await asyncio.get_running_loop().run_in_executor(self._pool, index.search,
+                                                                query, k)
+        if self.metrics is not None:
+            self.metrics.observe_retrieval(time.perf_counter() - t0)
+        return hits
+
+    async def prepare(self, messages: list[dict[str, Any]], options: Any, max_tokens: int | None,
+                      limits: tuple[int, int], tokenize: Callable[[list[dict]], list[int]]
+                      ) -> RAGContext:
+        """Retrieve for the last user turn and build the prompt: as many passages, best first,
+        as fit ``limits`` = (largest prefill bucket, max_model_len) with room for the answer
+        (``max_tokens``, else --rag-answer-tokens) and ``options.max_context_tokens``."""
+        k = options.top_k or self.config.rag_top_k
+        passages = await self.search(last_user_text(messages), k)
+        largest, max_model_len = limits
+        answer = max_tokens or min(self.config.rag_answer_tokens, max_model_len // 2)
+        budget = min(largest, max_model_len - answer)
+        base = tokenize(rag_messages(messages, []))
+        cap = options.max_context_tokens
+        ids, used = base, 0
+        for m in range(len(passages), 0, -1):  # best first: drop from the end until it fits
+            candidate = tokenize(rag_messages(messages, passages[:m]))
+            if len(candidate) <= budget and (cap is None or len(candidate) - len(base) <= cap):
+                ids, used = candidate, m
+                break
+        if used < len(passages):
+            log.info("rag: %d of %d passages fit the prompt budget (%d tokens)", used,
+                     len(passages), budget)
+        return RAGContext(prompt_ids=ids, passages=passages[:used], retrieved=len(passages),
+                          grounding=options.grounding or self.config.grounding,
+                          context_tokens=len(ids) - len(base))
+
+    async def check(self, ctx: RAGContext, choice: int, text: str) -> tuple[str, dict]:
+        """The grounding check of one finished answer: the text to return and the report."""
+        from retrieval.grounding import check
+
+        index = self.check_ready()
+        text, report = await asyncio.get_running_loop().run_in_executor(
+            self._pool, lambda: check(text, [p.text for p in ctx.passages], index.encoder,
+                                      mode=ctx.grounding,
+                                      threshold=self.config.grounding_threshold))
+        ctx.reports[choice] = report
+        if self.metrics is not None:
+            self.metrics.observe_rag(len(ctx.passages), len(report.invalid_citations),
+                                     report.unsupported_citations -
+                                     len(report.invalid_citations))
+        return text, grounding_json(report)
+
+
+def grounding_json(report: GroundingReport) -> dict[str, Any]:
+    return {"mode": report.mode, "threshold": report.threshold,
+            "invalid_citations": report.invalid_citations, "unsupported": report.unsupported,
+            "removed_sentences": report.removed_sentences,
+            "sentences": [{"text": s.text, "citations": s.citations, "support": s.support,
+                           "supported": s.supported} for s in report.sentences]}
+
+
+class CitationFilter:
+    """Streams an answer without its invalid citations: text is released as soon as no later
+    token can turn it into (part of) a citation to a passage that does not exist."""
+
+    def __init__(self, num_sources: int) -> None:
+        self.num_sources = num_sources
+        self.sent = ""
+
+    def feed(self, text: str, final: bool) -> str:
+        from retrieval.grounding import drop_invalid_citations, stable_length
+
+        ready = text if final else text[:stable_length(text.rstrip())]
+        clean, _ = drop_invalid_citations(ready, self.num_sources)
+        if not clean.startswith(self.sent):  # cannot happen for prefix-stable text; be safe
+            return ""
+        delta, self.sent = clean[len(self.sent):], clean
+        return delta

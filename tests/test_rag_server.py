@@ -1,0 +1,306 @@
+"""RAG end to end: index build, the server with --index, /v1/retrieve, `rag` chat requests
+through the openai client (plain and streamed), citations, the grounding check, metrics.
+
+The retriever is a tiny ColBERT checkpoint built in the test (a soft lexical matcher). A tiny
+random LLM cannot be made to cite, so the model here is scripted: a backend whose logits spell a
+fixed answer, set by each test. Everything else (scheduler, runner, prompt building, retrieval,
+grounding, HTTP) is the production code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from serverutil import ThreadServer, metric, wait_ready
+
+from bucketing import BucketConfig
+from retrieval.encoder import ColBERTEncoder
+from retrieval.index import PassageIndex
+from runtime.runner import ModelRunner
+from scheduler import Scheduler
+from server.app import build_app
+from server.config import ServerConfig
+from server.engine import Engine
+
+EOT = 128009
+FACTS = {
+    "zorvania.txt": "Zorvania is a small island kingdom. The capital of Zorvania is Quelthar, "
+                    "a harbour city famous for its glass towers.",
+    "brindle.md": "Brindle engines run on compressed kelp oil. A Brindle engine needs "
+                  "servicing every ninety days.",
+    "ostrava.html": "<html><body><p>The Ostravian marmot hibernates for seven months in "
+                    "limestone burrows.</p></body></html>",
+}
+
+
+class ScriptedBackend:
+    """Logits that spell ``script`` after any prompt: the token at generated position ``j`` is
+    ``script[j]``, then <|eot_id|>. Prefill records each slot's prompt length."""
+
+    def __init__(self, buckets: BucketConfig, vocab_size: int) -> None:
+        self.buckets = buckets
+        self.device = torch.device("cpu")
+        self.vocab_size = vocab_size
+        self.scratch_slot = buckets.max_num_seqs
+        self.script: list[int] = []
+        self.prompt_len: dict[int, int] = {}
+
+    def warmup(self) -> None:
+        pass
+
+    def forward(self, input_ids, cache_ids, start_ids, last_token_id) -> torch.Tensor:
+        logits = torch.full((input_ids.shape[0], self.vocab_size), -1e4)
+        for b in range(input_ids.shape[0]):
+            if input_ids.shape[1] > 1:  # prefill: generated position 0 comes next
+                slot, j = int(start_ids[b]), 0
+                self.prompt_len[slot] = int(last_token_id[b]) + 1
+            else:
+                slot = b
+                j = int(cache_ids[b, 0]) - self.prompt_len.get(slot, 0) + 1
+            logits[b, self.script[j] if 0 <= j < len(self.script) else EOT] = 0.0
+        return logits
+
+
+@pytest.fixture(scope="module")
+def docs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("docs")
+    for name, text in FACTS.items():
+        (d / name).write_text(text)
+    return d
+
+
+@pytest.fixture(scope="module")
+def index_dir(docs_dir: Path, tiny_colbert_dir: Path, tmp_path_factory) -> Path:
+    """Built by the real CLI: `ragserve index build DOCS --out INDEX --retriever-model CKPT`."""
+    from server.cli import main
+
+    out = tmp_path_factory.mktemp("index") / "idx"
+    assert main(["index", "build", str(docs_dir), "--out", str(out), "--retriever-model",
+                 str(tiny_colbert_dir), "--chunk-tokens", "64", "--chunk-overlap", "8"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def rag_server(index_dir: Path, llama3_tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(llama3_tokenizer_dir))
+    buckets = BucketConfig.default(512, 2, context_encoding_buckets=(128, 256, 384),
+                                   token_generation_buckets=(512,))
+    backend = ScriptedBackend(buckets, len(tokenizer))
+
+    def factory() -> Engine:
+        return Engine(Scheduler(buckets, [EOT]), ModelRunner(backend), tokenizer, "scripted")
+
+    config = ServerConfig(index=index_dir, grounding_threshold=0.8, rag_answer_tokens=64)
+    with ThreadServer(build_app(config, factory=factory)) as srv:
+        wait_ready(srv.url, {})
+        srv.backend, srv.tokenizer = backend, tokenizer
+        yield srv
+
+
+def say(srv, text: str) -> None:
+    srv.backend.script = srv.tokenizer.encode(text, add_special_tokens=False)
+
+
+@pytest.fixture
+def client(rag_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{rag_server.url}/v1", api_key="none", max_retries=0,
+                         timeout=60)
+
+
+QUESTION = [{"role": "user", "content": "What is the capital of Zorvania?"}]
+ANSWER = ("The capital of Zorvania is Quelthar [1]. Quelthar exports purple bananas to Mars [2]. "
+          "It has glass towers [7].")
+
+
+def test_retrieve_finds_the_passage(rag_server, tiny_colbert_dir):
+    r = httpx.post(f"{rag_server.url}/v1/retrieve",
+                   json={"query": "capital of Zorvania", "k": 2}, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == str(tiny_colbert_dir)  # the encoder the index was built with
+    top = body["data"][0]
+    assert top["doc_id"] == "zorvania.txt" and "Quelthar" in top["text"]
+    assert top["score"] > body["data"][1]["score"]
+    assert {"chunk_id", "source", "page", "start", "end"} <= top.keys()
+
+
+def test_rag_answer_with_sources_and_grounding(client, rag_server):
+    say(rag_server, ANSWER)
+    r = client.chat.completions.create(model="scripted", messages=QUESTION, temperature=0,
+                                       extra_body={"rag": {"top_k": 2}})
+    extra = r.model_extra
+    sources = extra["sources"]
+    assert [s["number"] for s in sources] == [1, 2]
+    assert sources[0]["doc_id"] == "zorvania.txt" and "Quelthar" in sources[0]["text"]
+    grounding = extra["grounding"]
+    # [7] points to no passage: removed from the answer and reported
+    assert grounding["invalid_citations"] == [7]
+    assert "[7]" not in r.choices[0].message.content
+    assert r.choices[0].message.content.endswith("It has glass towers.")
+    by_text = {s["text"]: s for s in grounding["sentences"]}
+    good = by_text["The capital of Zorvania is Quelthar [1]."]
+    fabricated = by_text["Quelthar exports purple bananas to Mars [2]."]
+    assert good["supported"] is True and good["citations"] == [1]
+    assert fabricated["supported"] is False and fabricated["support"] < good["support"]
+    assert grounding["unsupported"] == 1 and grounding["mode"] == "report"
+
+
+def test_prompt_holds_numbered_passages_and_instructions(rag_server):
+    say(rag_server, "ok")
+    r = httpx.post(f"{rag_server.url}/v1/chat/completions", timeout=30, json={
+        "messages": QUESTION, "rag": {"top_k": 3}, "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    n_prompt = r.json()["usage"]["prompt_tokens"]
+    plain = httpx.post(f"{rag_server.url}/tokenize", json={"messages": QUESTION}, timeout=30)
+    assert n_prompt > plain.json()["count"] + 40  # the passages are in the prompt
+    from server.rag import RAG_INSTRUCTIONS, rag_messages
+
+    assert "I don't know" in RAG_INSTRUCTIONS and "[1]" in RAG_INSTRUCTIONS
+    msgs = rag_messages([{"role": "system", "content": "Be brief."}, *QUESTION], [])
+    assert msgs[0]["content"].endswith("Be brief.") and len(msgs) == 2
+
+
+def test_strip_mode_removes_unsupported_sentences(client, rag_server):
+    say(rag_server, ANSWER)
+    r = client.chat.completions.create(model="scripted", messages=QUESTION,
+                                       extra_body={"rag": {"top_k": 2, "grounding": "strip"}})
+    assert r.choices[0].message.content == ("The capital of Zorvania is Quelthar [1]. "
+                                            "It has glass towers.")
+    assert r.model_extra["grounding"]["removed_sentences"] == 1
+
+
+def test_streaming_sends_sources_first_and_grounding_last(rag_server):
+    say(rag_server, ANSWER)
+    events = []
+    with httpx.stream("POST", f"{rag_server.url}/v1/chat/completions", timeout=30, json={
+            "messages": QUESTION, "rag": {"top_k": 2}, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    assert "sources" in events[0] and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert sum("sources" in e for e in events) == 1
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events
+                   if e["choices"])
+    assert text == "The capital of Zorvania is Quelthar [1]. Quelthar exports purple bananas " \
+                   "to Mars [2]. It has glass towers."  # the invalid [7] never went out
+    assert events[-1]["choices"] == [] and events[-1]["grounding"]["invalid_citations"] == [7]
+    finish = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert finish[0]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_plain_requests_are_unchanged(client, rag_server):
+    say(rag_server, "Hello there.")
+    r = client.chat.completions.create(model="scripted", messages=QUESTION)
+    assert r.choices[0].message.content == "Hello there."
+    assert "sources" not in (r.model_extra or {})
+
+
+def test_rag_errors_are_400(rag_server):
+    url = f"{rag_server.url}/v1/chat/completions"
+    r = httpx.post(url, json={"messages": [{"role": "system", "content": "x"}],
+                              "rag": {}}, timeout=30)
+    assert r.status_code == 400 and "user message" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"messages": QUESTION, "rag": {"top_k": 0}}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"
+    r = httpx.post(url, json={"messages": QUESTION, "rag": {"topk": 3}}, timeout=30)
+    assert r.status_code == 400 and "topk" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"messages": QUESTION, "rag": {}, "n": 2}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    r = httpx.post(f"{rag_server.url}/v1/retrieve", json={"query": "", "k": 2}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "query"
+    r = httpx.post(f"{rag_server.url}/v1/retrieve", json={"query": "x", "k": 1000}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "k"
+
+
+def test_passages_that_do_not_fit_are_left_out(rag_server):
+    say(rag_server, "ok")
+    r = httpx.post(f"{rag_server.url}/v1/chat/completions", timeout=30, json={
+        "messages": QUESTION, "rag": {"top_k": 3, "max_context_tokens": 60}, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert 1 <= len(r.json()["sources"]) < 3
+
+
+def test_models_ready_and_metrics_show_the_retriever(rag_server):
+    models = httpx.get(f"{rag_server.url}/v1/models", timeout=30).json()
+    retriever = models["data"][0]["retriever"]
+    assert retriever["status"] == "ready" and retriever["passages"] >= 3
+    assert retriever["backend"] == "exact"
+    ready = httpx.get(f"{rag_server.url}/ready", timeout=30).json()
+    assert ready["retriever"]["status"] == "ready"
+    text = httpx.get(f"{rag_server.url}/metrics", timeout=30).text
+    assert metric(text, "ragserve_retrieval_seconds_count") >= 1
+    assert metric(text, "ragserve_retrieved_passages_count") >= 1
+    assert metric(text, "ragserve_unsupported_citations_total", kind="invalid") >= 1
+    assert metric(text, "ragserve_unsupported_citations_total", kind="unsupported") >= 1
+
+
+def test_server_without_index_says_how_to_enable_rag(tiny_colbert_dir, llama3_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(llama3_tokenizer_dir))
+    buckets = BucketConfig.default(256, 1, context_encoding_buckets=(128, 256),
+                                   token_generation_buckets=(256,))
+
+    def factory() -> Engine:
+        return Engine(Scheduler(buckets, [EOT]),
+                      ModelRunner(ScriptedBackend(buckets, len(tokenizer))), tokenizer, "s")
+
+    with ThreadServer(build_app(ServerConfig(), factory=factory)) as srv:
+        wait_ready(srv.url, {})
+        for path, body in [("/v1/retrieve", {"query": "x"}),
+                           ("/v1/chat/completions", {"messages": QUESTION, "rag": {}})]:
+            r = httpx.post(srv.url + path, json=body, timeout=30)
+            assert r.status_code == 400 and "--index" in r.json()["error"]["message"]
+
+
+def test_index_built_with_another_encoder_fails_the_server(index_dir, tmp_path):
+    from helpers import make_tiny_colbert_dir
+
+    other = make_tiny_colbert_dir(tmp_path / "other", seed=5)
+    with pytest.raises(Exception, match="built with encoder"):
+        PassageIndex.load(index_dir, ColBERTEncoder(other))
+
+
+def test_cli_search_and_info(index_dir, capsys):
+    from server.cli import main
+
+    assert main(["index", "search", "glass towers harbour", "--index", str(index_dir),
+                 "-k", "1", "--json"]) == 0
+    hit = json.loads(capsys.readouterr().out.strip())
+    assert hit["doc_id"] == "zorvania.txt" and hit["rank"] == 1
+    assert main(["index", "info", str(index_dir)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["passages"] >= 3 and info["encoder"]["settings"]["dim"] == 64
+
+
+def test_cli_add_replaces_and_extends(index_dir, docs_dir, tmp_path, tiny_colbert_dir):
+    import shutil
+
+    from server.cli import main
+
+    idx = tmp_path / "idx"
+    shutil.copytree(index_dir, idx)
+    more = tmp_path / "more"
+    more.mkdir()
+    (more / "veltra.txt").write_text("Veltra moss glows blue under moonlight.")
+    assert main(["index", "add", str(more), "--index", str(idx)]) == 0
+    index = PassageIndex.load(idx, ColBERTEncoder(tiny_colbert_dir))
+    assert "veltra.txt" in index.doc_ids and "zorvania.txt" in index.doc_ids
+    assert index.search("moss glows", 1)[0].doc_id == "veltra.txt"
+    assert main(["index", "search", "x", "--index", str(tmp_path / "nope")]) == 2
+
+
+def test_empty_docs_folder_is_an_error(tmp_path, tiny_colbert_dir):
+    from server.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["index", "build", str(tmp_path / "empty"), "--out", str(tmp_path / "i"),
+                 "--retriever-model", str(tiny_colbert_dir)]) == 2
+    assert not (tmp_path / "i" / "CURRENT").exists()
