@@ -1,4 +1,5 @@
-# ragserve: `make serve` serves the embedded default model on 127.0.0.1:8000, `make test` runs the suite.
+# ragserve: `make serve` serves the embedded default model on 127.0.0.1:8000 with a RAG index of
+# docs/, `make test` runs the suite.
 # Both create/update .venv first: torch 2.13.0 (CPU build) before anything that depends on it.
 
 PYTHON ?= python3
@@ -35,8 +36,14 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-serve: $(STAMP)
-	$(VENV)/bin/ragserve serve
+# The demo index: the project's own docs/, so `make serve` answers questions about ragserve with
+# citations. Built once with the offline default encoder; rebuilt when a doc changes.
+DEMO_INDEX := $(RAGSERVE_CACHE_DIR)/demo-index
+$(DEMO_INDEX)/CURRENT: $(wildcard docs/*.md) | $(STAMP)
+	$(VENV)/bin/ragserve index build docs --out $(DEMO_INDEX)
+
+serve: $(STAMP) $(DEMO_INDEX)/CURRENT
+	$(VENV)/bin/ragserve serve --index $(DEMO_INDEX)
 
 generate: $(STAMP)
 	$(VENV)/bin/ragserve generate --prompt "$(or $(PROMPT),What is continuous batching?)"

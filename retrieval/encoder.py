@@ -22,7 +22,7 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -90,8 +90,11 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
 class ColBERTEncoder:
     """Encodes queries and documents into L2-normalized token embeddings."""
 
-    def __init__(self, path: Path, *, name: str | None = None, dtype: str = "float32",
+    def __init__(self, path: Path, *, name: str | None = None, dtype: str = "auto",
                  num_threads: int | None = None) -> None:
+        """``dtype``: ``auto`` is bfloat16 on CPUs with native bf16 (2.4x the float32 encoding
+        rate for all-MiniLM-L6-v2 here), else float32; vectors are always returned in float32
+        and the fingerprint is taken over the stored weights, whatever the dtype."""
         import torch
         from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -116,13 +119,19 @@ class ColBERTEncoder:
         if missing:
             raise EncoderError(f"{self.path}: checkpoint lacks {len(missing)} BERT weights, "
                                f"e.g. {missing[0]}")
-        self.dtype = getattr(torch, dtype)
+        self._fingerprint = _fingerprint(self.settings_from(meta, linear), bert, linear)
+        from runtime.loader import resolve_dtype
+
+        self.dtype = resolve_dtype(dtype, torch.device("cpu"))
         self.bert = bert.eval().to(self.dtype)
         self.linear = linear.to(self.dtype)
-        self.settings = ColBERTSettings.from_metadata(meta, dim=linear.shape[0])
+        self.settings = self.settings_from(meta, linear)
         self.label = str(meta.get("ragserve_label", "ColBERT"))
         self.num_threads = num_threads
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), use_fast=True)
+        # split_special_tokens: a passage that says "[MASK]" or "[SEP]" is text, not the special
+        # token (a literal [MASK] would match every query's [MASK] augmentation vectors)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), use_fast=True,
+                                                       split_special_tokens=True)
         tok = self.tokenizer
         self.q_marker = tok.convert_tokens_to_ids(self.settings.query_token_id)
         self.d_marker = tok.convert_tokens_to_ids(self.settings.doc_token_id)
@@ -135,7 +144,10 @@ class ColBERTEncoder:
                 skip.add(tok.convert_tokens_to_ids(symbol))
                 skip.update(tok.encode(symbol, add_special_tokens=False)[:1])
         self._skip = torch.tensor(sorted(skip))
-        self._fingerprint: str | None = None
+
+    @staticmethod
+    def settings_from(meta: dict, linear: torch.Tensor) -> ColBERTSettings:
+        return ColBERTSettings.from_metadata(meta, dim=linear.shape[0])
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, **kwargs: object) -> ColBERTEncoder:
@@ -146,15 +158,8 @@ class ColBERTEncoder:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 over the settings and every weight: an index built with another encoder (or the
-        same name with other weights) is refused at load."""
-        if self._fingerprint is None:
-            h = hashlib.sha256(json.dumps(asdict(self.settings), sort_keys=True).encode())
-            for k, v in sorted(self.bert.state_dict().items()):
-                h.update(k.encode())
-                h.update(v.detach().float().contiguous().numpy().tobytes())
-            h.update(self.linear.float().contiguous().numpy().tobytes())
-            self._fingerprint = h.hexdigest()
+        """sha256 over the settings and every stored weight: an index built with another encoder
+        (or the same name with other weights) is refused at load."""
         return self._fingerprint
 
     def describe(self) -> dict:
@@ -229,6 +234,15 @@ class ColBERTEncoder:
     def doc_token_count(self, text: str) -> int:
         """Tokens ``text`` takes in a document, markers included (limit: ``doc_maxlen``)."""
         return len(self.tokenizer(text, add_special_tokens=True)["input_ids"]) + 1
+
+
+def _fingerprint(settings: ColBERTSettings, bert: Any, linear: torch.Tensor) -> str:
+    h = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
+    for k, v in sorted(bert.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().contiguous().numpy().tobytes())
+    h.update(linear.float().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 class _Threads:

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,17 @@ class LoadedModel:
     timings: dict[str, float]
 
 
+_IMPORT_LOCK = threading.Lock()
+
+
+def import_transformers() -> None:
+    """Import transformers once, under a lock. ``ragserve serve --index`` loads the model and the
+    retriever on two threads; two threads importing transformers at once can see it half
+    initialized (``cannot import name 'AutoTokenizer'``). Whoever comes second waits."""
+    with _IMPORT_LOCK:
+        import transformers  # noqa: F401
+
+
 def load_model(
     model: str | None,
     *,
@@ -194,6 +206,7 @@ def load_model(
     """Resolve, read and build a model; logs what was loaded and how long each stage took."""
     from runtime.model import Llama
 
+    import_transformers()
     timings = {}
     t = time.perf_counter()
     resolved = resolve_model(model, cache_dir)

@@ -29,7 +29,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--context-encoding-buckets", type=bucket_list, default=None,
-                   help="prefill lengths, e.g. 128,256,512 (default: two per octave)")
+                   help="prefill lengths, e.g. 128,256,512 (default: three per octave)")
     p.add_argument("--token-generation-buckets", type=bucket_list, default=None,
                    help="decode context lengths (default: powers of two up to max-model-len)")
     p.add_argument("--compile", action="store_true", help="torch.compile one graph per bucket")
@@ -114,7 +114,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
     if failed:
-        log.error("exiting: the engine failed to load: %s", failed[0])
+        log.error("exiting: startup failed (model or index did not load): %s", failed[0])
         return 1
     log.info("shut down cleanly")
     return 0

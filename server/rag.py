@@ -112,10 +112,11 @@ class RAGService:
     def _load(self) -> None:
         from retrieval.default_encoder import load_encoder
         from retrieval.index import PassageIndex, read_manifest
-        from runtime.loader import default_cache_dir
+        from runtime.loader import default_cache_dir, import_transformers
 
         t0 = time.perf_counter()
         try:
+            import_transformers()  # the engine thread may be importing it right now
             path = self.config.index
             name = self.config.retriever_model or read_manifest(path)["encoder"]["name"]
             encoder = load_encoder(name, self.config.cache_dir or default_cache_dir())

@@ -55,4 +55,4 @@ def tiny_colbert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_colbert(tiny_colbert_dir: Path):
     from retrieval.encoder import ColBERTEncoder
 
-    return ColBERTEncoder(tiny_colbert_dir, name="tiny-colbert")
+    return ColBERTEncoder(tiny_colbert_dir, name="tiny-colbert", dtype="float32")

@@ -69,6 +69,14 @@ def test_documents_drop_padding_and_punctuation(tiny_colbert):
     assert torch.allclose(alone, a, atol=1e-5)
 
 
+def test_special_token_text_in_a_passage_is_plain_text(tiny_colbert):
+    tok = tiny_colbert.tokenizer
+    ids = tok("pads with [MASK] and [SEP] tokens")["input_ids"]
+    assert tok.mask_token_id not in ids and ids.count(tok.sep_token_id) == 1
+    (d,) = tiny_colbert.encode_documents(["[MASK] [MASK] [MASK]"])
+    assert len(d) == 2 + 3 + 1  # [CLS] [D], 'mask' x3 (the brackets are punctuation), [SEP]
+
+
 def test_document_cut_at_doc_maxlen(tmp_path):
     enc = ColBERTEncoder(make_tiny_colbert_dir(tmp_path / "c", doc_maxlen=16))
     (d,) = enc.encode_documents(["word " * 100])
