@@ -473,12 +473,14 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 
 @contextlib.contextmanager
-def serve(model: str, index: Path, retriever_model: str | None, serve_args: str,
+def serve(model: str | None, index: Path, retriever_model: str | None, serve_args: str,
           ready_timeout: float) -> Iterator[str]:
     """``ragserve serve --model M --index DIR`` on a free 127.0.0.1 port; yields its URL."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server", "--model", model, "--index", str(index),
+    cmd = [sys.executable, "-m", "server", "--index", str(index),
            "--host", "127.0.0.1", "--port", str(port)]
+    if model:
+        cmd += ["--model", model]
     if retriever_model:
         cmd += ["--retriever-model", retriever_model]
     cmd += shlex.split(serve_args)
@@ -618,8 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--server", help="URL of a running ragserve with an index")
     where.add_argument("--index", type=Path, help="start a server over this index")
-    p.add_argument("--model", help="with --index: the server's --model; with --server: the "
-                                   "request's model (default: the server's first model)")
+    p.add_argument("--model", help="with --index: the server's --model (default: the embedded "
+                                   "default model); with --server: the request's model "
+                                   "(default: the server's first model)")
     p.add_argument("--retriever-model", default=None, help="with --index: the server's "
                                                            "--retriever-model")
     p.add_argument("--serve-args", default="", help='with --index: more server flags, e.g. '
@@ -644,8 +647,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.limit = min(args.limit or 20, 20)
     if args.k < 1 or args.concurrency < 1 or args.max_tokens < 1:
         raise EvalError("-k, --concurrency and --max-tokens must be >= 1")
-    if args.index is not None and not args.model:
-        raise EvalError("--index needs --model (the LLM the server loads)")
     args.served_model = args.model if args.server else None
     examples = load_dataset(args.dataset, args.limit)
     t0 = time.perf_counter()
