@@ -126,7 +126,7 @@ def test_exact_backend_is_exact_maxsim(tmp_path):
     docs = _random_docs(60, 16, seed=0)
     q = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator()
                                                   .manual_seed(1)), dim=-1)
-    backend = ExactBackend(16)
+    backend = ExactBackend(16, dtype="float32")
     backend.add(list(range(100, 160)), docs)
     expected = sorted(((100 + i, maxsim(q, d)) for i, d in enumerate(docs)),
                       key=lambda t: -t[1])[:7]
@@ -137,13 +137,26 @@ def test_exact_backend_is_exact_maxsim(tmp_path):
     backend.remove([expected[0][0]])
     assert backend.search(q, 1)[0][0] == expected[1][0]
     backend.save(tmp_path)
-    loaded = ExactBackend.load(tmp_path)
+    loaded = ExactBackend.load(tmp_path, dtype="float32")
     assert len(loaded) == 59
     assert [p for p, _ in loaded.search(q, 6)] == [p for p, _ in expected[1:7]]
 
 
+def test_exact_backend_in_bfloat16_scores_within_rounding():
+    docs = _random_docs(40, 16, seed=2)
+    q = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator()
+                                                  .manual_seed(3)), dim=-1)
+    full, half = ExactBackend(16, dtype="float32"), ExactBackend(16, dtype="bfloat16")
+    for b in (full, half):
+        b.add(list(range(40)), docs)
+    exact = dict(full.search(q, 40))
+    assert half._pack()[0].dtype == torch.bfloat16
+    for pid, score in half.search(q, 40):
+        assert score == pytest.approx(exact[pid], abs=0.05)  # 8 cosines, each to ~4e-3
+
+
 def test_exact_backend_edges():
-    backend = ExactBackend(4)
+    backend = ExactBackend(4, dtype="float32")
     q = torch.eye(4)
     assert backend.search(q, 3) == []
     backend.add([0], [torch.eye(4)[:1]])
