@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     from runtime.loader import default_cache_dir
 
     add_index_parser(sub, default_cache_dir())
+    from runtime.neuron_cli import add_neuron_parser
+    add_neuron_parser(sub)
     return parser
 
 
