@@ -90,11 +90,13 @@ def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
     metrics = Metrics(config.served_model_name or "loading")
 
     def build() -> Engine:
-        engine = factory() if factory is not None else Engine.from_config(config.engine_config())
+        engine = factory() if factory is not None else Engine.from_config(
+            config.engine_config(), on_progress=lambda status, fraction:
+            async_engine.report_load(status, fraction))
         metrics.model_name = config.served_model_name or engine.model_name
         return engine
 
-    engine = AsyncEngine(build, observer=metrics, on_failure=on_engine_failure)
+    engine = async_engine = AsyncEngine(build, observer=metrics, on_failure=on_engine_failure)
     rag = RAGService(config, metrics, on_failure=on_engine_failure)
 
     @asynccontextmanager

@@ -104,6 +104,9 @@ class AsyncEngine:
         self.state = EngineState.LOADING
         self.error: str | None = None
         self.load_seconds: float | None = None
+        # while LOADING: what the load is doing ("compiling", ...) and how far, 0..1
+        self.load_status: str | None = None
+        self.load_progress: float | None = None
         # published by the engine thread after every step or batch of commands
         self.num_waiting = 0
         self.num_free_slots = 0
@@ -188,6 +191,10 @@ class AsyncEngine:
                 continue
             self._step()
         self._fail_all(RuntimeError("server is shutting down"))
+
+    def report_load(self, status: str, fraction: float) -> None:
+        """The factory's progress callback: what the load is doing and how far (0..1)."""
+        self.load_status, self.load_progress = status, fraction
 
     def _notify(self, event: str, stats: object) -> None:
         if self._observer is None:

@@ -150,9 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from runtime.backends.neuron import NeuronUnavailableError
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError, NeuronUnavailableError) as e:
         print(f"ragserve: error: {e}", file=sys.stderr)
         return 2
 

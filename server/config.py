@@ -128,7 +128,7 @@ class ServerConfig:
             context_encoding_buckets=self.context_encoding_buckets,
             token_generation_buckets=self.token_generation_buckets,
             compile=self.compile, chat_template=self.chat_template_text(),
-            cache_dir=self.cache_dir,
+            cache_dir=self.cache_dir, tp_degree=self.tensor_parallel_size,
         )
 
 

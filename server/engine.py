@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MODEL_LEN = 2048
 
+#: ``(status, fraction)`` reports while a model loads: "compiling", "loading from cache", ...
+ProgressCallback = Callable[[str, float], None]
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -41,6 +44,7 @@ class EngineConfig:
     warmup: bool = True
     chat_template: str | None = None
     cache_dir: Path | None = None
+    tp_degree: int = 1  # NeuronCores the model is sharded over (device neuron only)
 
 
 def build_buckets(cfg: EngineConfig, model_max_positions: int) -> BucketConfig:
@@ -77,15 +81,22 @@ class Engine:
         self.last_scheduled: SchedulerOutput | None = None
 
     @classmethod
-    def from_config(cls, cfg: EngineConfig) -> Engine:
+    def from_config(cls, cfg: EngineConfig, on_progress: ProgressCallback | None = None
+                    ) -> Engine:
+        """Build everything for ``cfg``; ``on_progress`` hears the stages of a long load (Neuron
+        graph compilation)."""
+        if cfg.device == "neuron":
+            return cls._from_config_neuron(cfg, on_progress)
+        if cfg.tp_degree != 1:
+            raise ValueError(f"tp_degree is {cfg.tp_degree}, but only device neuron shards a "
+                             f"model (device {cfg.device} runs on one device)")
+
         import torch
 
         from runtime.backends.torch_backend import TorchBackend
         from runtime.loader import load_model, resolve_kv_cache_dtype
         from runtime.runner import ModelRunner
 
-        if cfg.device == "neuron":
-            raise NotImplementedError("the Neuron backend is not implemented yet (issue 5)")
         loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
                             cache_dir=cfg.cache_dir, chat_template=cfg.chat_template)
         buckets = build_buckets(cfg, loaded.args.max_position_embeddings)
@@ -97,6 +108,39 @@ class Engine:
             backend.warmup()
         scheduler = Scheduler(buckets, loaded.eos_token_ids, cfg.max_prefill_streak)
         return cls(scheduler, ModelRunner(backend), loaded.tokenizer, loaded.name)
+
+    @classmethod
+    def _from_config_neuron(cls, cfg: EngineConfig,
+                            on_progress: ProgressCallback | None) -> Engine:
+        """Validate (no Neuron import), check the packages, load the tokenizer, then load or
+        compile the graphs: every cheap failure comes before the slow part."""
+        from runtime.backends import neuron
+        from runtime.loader import (
+            default_cache_dir,
+            eos_token_ids,
+            import_transformers,
+            load_tokenizer,
+            read_config,
+            resolve_model,
+        )
+        from runtime.runner import ModelRunner
+
+        resolved = resolve_model(cfg.model, cfg.cache_dir)
+        hf = read_config(resolved.path)
+        buckets = build_buckets(cfg, int(hf.get("max_position_embeddings", DEFAULT_MAX_MODEL_LEN)))
+        settings = neuron.NeuronSettings.create(buckets, tp_degree=cfg.tp_degree,
+                                                dtype=cfg.dtype, hf_config=hf,
+                                                kv_cache_dtype=cfg.kv_cache_dtype)
+        neuron.validate(settings, hf, cores=neuron.detect_neuron_cores())
+        neuron.require_neuron()
+        import_transformers()
+        tokenizer = load_tokenizer(resolved.path, cfg.chat_template)
+        backend = neuron.build_backend(
+            resolved.path, buckets, settings, cache_dir=cfg.cache_dir or default_cache_dir(),
+            vocab_size=int(hf["vocab_size"]), warmup=cfg.warmup, on_progress=on_progress)
+        scheduler = Scheduler(buckets, eos_token_ids(resolved.path, tokenizer),
+                              cfg.max_prefill_streak)
+        return cls(scheduler, ModelRunner(backend), tokenizer, resolved.name)
 
     # -- requests ------------------------------------------------------------------------
 

@@ -326,3 +326,5 @@ class ReadyResponse(BaseModel):
     context_encoding_buckets: list[int] | None = None
     token_generation_buckets: list[int] | None = None
     retriever: RetrieverInfo | None = None
+    phase: str | None = Field(default=None, description="while loading: e.g. compiling")
+    progress: float | None = Field(default=None, description="while loading: 0..1")

@@ -133,7 +133,12 @@ def _ready(request: Request) -> JSONResponse:
         body.context_encoding_buckets = list(b.context_encoding_buckets)
         body.token_generation_buckets = list(b.token_generation_buckets)
         return JSONResponse(body.model_dump(exclude_none=True))
-    headers = {"Retry-After": "5"} if body.status == "loading" else {}
+    loading = body.status == "loading"
+    if engine.state.value == "loading" and engine.load_status is not None:  # Neuron graphs
+        body.status = "compiling" if engine.load_status == "compiling" else "loading"
+        body.phase = engine.load_status
+        body.progress = round(engine.load_progress or 0.0, 3)
+    headers = {"Retry-After": "5"} if loading else {}
     return JSONResponse(body.model_dump(exclude_none=True), status_code=503, headers=headers)
 
 
