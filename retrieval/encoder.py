@@ -90,8 +90,7 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
 class ColBERTEncoder:
     """Encodes queries and documents into L2-normalized token embeddings."""
 
-    def __init__(self, path: Path, *, name: str | None = None, dtype: str = "auto",
-                 num_threads: int | None = None) -> None:
+    def __init__(self, path: Path, *, name: str | None = None, dtype: str = "auto") -> None:
         """``dtype``: ``auto`` is bfloat16 on CPUs with native bf16 (2.4x the float32 encoding
         rate for all-MiniLM-L6-v2 here), else float32; vectors are always returned in float32
         and the fingerprint is taken over the stored weights, whatever the dtype."""
@@ -127,7 +126,6 @@ class ColBERTEncoder:
         self.linear = linear.to(self.dtype)
         self.settings = self.settings_from(meta, linear)
         self.label = str(meta.get("ragserve_label", "ColBERT"))
-        self.num_threads = num_threads
         # split_special_tokens: a passage that says "[MASK]" or "[SEP]" is text, not the special
         # token (a literal [MASK] would match every query's [MASK] augmentation vectors)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), use_fast=True,
@@ -176,9 +174,6 @@ class ColBERTEncoder:
             out = hidden @ self.linear.T  # [B, L, dim]
             return torch.nn.functional.normalize(out.float(), p=2, dim=-1)
 
-    def _threads(self) -> _Threads:
-        return _Threads(self.num_threads)
-
     def query_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """colbert-ai's ``QueryTokenizer.tensorize``: ids and mask, ``[B, query_maxlen]``."""
         import torch
@@ -198,8 +193,7 @@ class ColBERTEncoder:
     def encode_queries(self, texts: Sequence[str]) -> torch.Tensor:
         """``[B, query_maxlen, dim]``: every position, [MASK] augmentation included."""
         ids, mask = self.query_ids(texts)
-        with self._threads():
-            return self._forward(ids, mask)
+        return self._forward(ids, mask)
 
     def encode_documents(self, texts: Sequence[str], *, batch_size: int = 32,
                          progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
@@ -213,27 +207,22 @@ class ColBERTEncoder:
         s = self.settings
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out: list[torch.Tensor | None] = [None] * len(texts)
-        with self._threads():
-            for b in range(0, len(order), batch_size):
-                idx = order[b:b + batch_size]
-                enc = self.tokenizer([texts[i] for i in idx], padding="longest",
-                                     truncation="longest_first", max_length=s.doc_maxlen - 1,
-                                     return_tensors="pt")
-                ids, mask = enc["input_ids"], enc["attention_mask"]
-                ones = torch.ones_like(ids[:, :1])
-                ids = torch.cat([ids[:, :1], ones * self.d_marker, ids[:, 1:]], dim=1)
-                mask = torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
-                emb = self._forward(ids, mask)
-                keep = ~torch.isin(ids, self._skip)
-                for row, i in enumerate(idx):
-                    out[i] = emb[row][keep[row]].clone()
-                if progress is not None:
-                    progress(len(idx))
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            enc = self.tokenizer([texts[i] for i in idx], padding="longest",
+                                 truncation="longest_first", max_length=s.doc_maxlen - 1,
+                                 return_tensors="pt")
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            ones = torch.ones_like(ids[:, :1])
+            ids = torch.cat([ids[:, :1], ones * self.d_marker, ids[:, 1:]], dim=1)
+            mask = torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
+            emb = self._forward(ids, mask)
+            keep = ~torch.isin(ids, self._skip)
+            for row, i in enumerate(idx):
+                out[i] = emb[row][keep[row]].clone()
+            if progress is not None:
+                progress(len(idx))
         return out  # type: ignore[return-value]
-
-    def doc_token_count(self, text: str) -> int:
-        """Tokens ``text`` takes in a document, markers included (limit: ``doc_maxlen``)."""
-        return len(self.tokenizer(text, add_special_tokens=True)["input_ids"]) + 1
 
 
 def _fingerprint(settings: ColBERTSettings, bert: Any, linear: torch.Tensor) -> str:
@@ -243,24 +232,3 @@ def _fingerprint(settings: ColBERTSettings, bert: Any, linear: torch.Tensor) -> 
         h.update(v.detach().float().contiguous().numpy().tobytes())
     h.update(linear.float().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-class _Threads:
-    """Temporarily sets torch's intra-op thread count (None: leave it alone)."""
-
-    def __init__(self, n: int | None) -> None:
-        self.n = n
-        self.prev = 0
-
-    def __enter__(self) -> None:
-        import torch
-
-        if self.n:
-            self.prev = torch.get_num_threads()
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        if self.n:
-            torch.set_num_threads(self.prev)

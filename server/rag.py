@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from server.errors import APIError, bad_request
@@ -72,7 +72,6 @@ class RAGContext:
     retrieved: int
     grounding: str
     context_tokens: int
-    reports: dict[int, GroundingReport] = field(default_factory=dict)
 
     def sources(self) -> list[dict[str, Any]]:
         return [{"number": n, "chunk_id": p.chunk_id, "doc_id": p.doc_id, "source": p.source,
@@ -193,7 +192,7 @@ class RAGService:
                           grounding=options.grounding or self.config.grounding,
                           context_tokens=len(ids) - len(base))
 
-    async def check(self, ctx: RAGContext, choice: int, text: str) -> tuple[str, dict]:
+    async def check(self, ctx: RAGContext, text: str) -> tuple[str, dict]:
         """The grounding check of one finished answer: the text to return and the report."""
         from retrieval.grounding import check
 
@@ -202,7 +201,6 @@ class RAGService:
             self._pool, lambda: check(text, [p.text for p in ctx.passages], index.encoder,
                                       mode=ctx.grounding,
                                       threshold=self.config.grounding_threshold))
-        ctx.reports[choice] = report
         if self.metrics is not None:
             self.metrics.observe_rag(len(ctx.passages), len(report.invalid_citations),
                                      report.unsupported_citations -

@@ -205,7 +205,7 @@ class OpenAIServing:
         finals = await until_disconnected(raw, self._finals(streams))
         texts = [o.text for o in finals]
         if rag is not None:
-            texts[0], grounding = await self.rag.check(rag, 0, texts[0])
+            texts[0], grounding = await self.rag.check(rag, texts[0])
         choices = [
             ChatChoice(
                 index=i,
@@ -285,7 +285,7 @@ class OpenAIServing:
 
         async def event(i: int, o: RequestOutput) -> str:
             if o.finished:
-                text, report = await self.rag.check(rag, 0, o.text)
+                text, report = await self.rag.check(rag, o.text)
                 delta = text if strip else cite.feed(text, final=True)
                 return (chunk([ChatChunkChoice(
                     index=0, delta=DeltaMessage(content=delta),
