@@ -424,6 +424,9 @@ class _Colbert:
 
 
 def _import_colbert() -> _Colbert:
+    """The colbert-ai classes the backend uses. None of them needs transformers, but any
+    ``colbert.*`` import runs colbert-ai's ``__init__``, which imports its model code
+    (``HF_ColBERT``) from transformers: if that fails, the error names both versions."""
     _set_extensions_dir()
     try:
         import colbert  # noqa: F401  (fails first, and clearly, when colbert-ai is missing)
@@ -431,10 +434,25 @@ def _import_colbert() -> _Colbert:
         from colbert.indexing.codecs.residual_embeddings import ResidualEmbeddings
         from colbert.infra.config import ColBERTConfig
         from colbert.search.index_storage import IndexScorer
-    except ImportError as e:
+    except ModuleNotFoundError as e:
         raise BackendError(f"the plaid index backend needs colbert-ai and faiss: {_INSTALL_HINT} "
                            f"({e})") from e
+    except Exception as e:  # installed, but it does not import in this environment
+        raise BackendError(f"colbert-ai does not import with {_versions()} "
+                           f"({type(e).__name__}: {e}); the exact backend does not need it") from e
     return _Colbert(ColBERTConfig, ResidualCodec, ResidualEmbeddings, IndexScorer)
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for dist in ("colbert-ai", "transformers"):
+        try:
+            out.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            out.append(f"{dist} not installed")
+    return ", ".join(out)
 
 
 def cache_dir() -> Path:

@@ -55,7 +55,9 @@ class ModelArgs:
         if act != "silu":
             raise NotImplementedError(f"hidden_act {act!r} is not supported (Llama uses silu)")
         n_heads = cfg["num_attention_heads"]
-        rope = cfg.get("rope_scaling") or {}
+        # transformers 5 writes one ``rope_parameters`` dict (rope_theta included); 4.x writes
+        # ``rope_theta`` and ``rope_scaling`` (None for plain RoPE).
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         return cls(
             vocab_size=cfg["vocab_size"],
@@ -66,7 +68,7 @@ class ModelArgs:
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
             intermediate_size=cfg["intermediate_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
             rope_type=rope_type,
             rope_factor=rope.get("factor", 1.0),
             rope_low_freq_factor=rope.get("low_freq_factor", 1.0),

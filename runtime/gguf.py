@@ -63,7 +63,8 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
         set_special_tokens(tokenizer, gguf_path)
         tokenizer.save_pretrained(tmp)
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32,
+                                                     **_dequantize_kwargs())
         model.save_pretrained(tmp, safe_serialization=True)
         del model
         (tmp / DONE_MARKER).write_text(json.dumps({"source": str(gguf_path.resolve())}))
@@ -76,6 +77,18 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s in %.1fs", gguf_path.name, time.perf_counter() - t0)
     return out
+
+
+def _dequantize_kwargs() -> dict[str, Any]:
+    """transformers 5.17+ loads a GGUF through a quantizer that may keep the weights packed, and
+    ``save_pretrained`` refuses such a model ("quantized with gguf and is not serializable");
+    ``GgufConfig(dequantize=True)`` asks for plain dense weights. Older versions (4.x, 5.x up to
+    5.16: no ``GgufConfig``) always dequantize."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def set_special_tokens(tokenizer: Any, gguf_path: Path) -> None:

@@ -150,7 +150,7 @@ class Engine:
         if chat:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             return list(self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True))
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False))
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         return list(prompt)

@@ -58,6 +58,23 @@ def test_model_args_reject_unsupported_configs():
         ModelArgs.from_hf_config({**base, "num_key_value_heads": 3})
 
 
+def test_model_args_read_both_rope_layouts():
+    """transformers 4's ``rope_theta`` + ``rope_scaling`` and 5's ``rope_parameters``."""
+    base = dict(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=16)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    v4 = ModelArgs.from_hf_config({**base, "rope_theta": 500000.0, "rope_scaling": scaling})
+    v5 = ModelArgs.from_hf_config({**base, "rope_parameters": {**scaling, "rope_theta": 500000.0}})
+    assert v4 == v5
+    assert (v5.rope_theta, v5.rope_type, v5.rope_factor, v5.rope_original_max_position) == (
+        500000.0, "llama3", 8.0, 64)
+    plain = {"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
+    assert ModelArgs.from_hf_config({**base, **plain}).rope_theta == 100000.0
+    assert ModelArgs.from_hf_config({**base, "rope_theta": 100000.0, "rope_scaling": None}) == (
+        ModelArgs.from_hf_config({**base, **plain}))
+
+
 def test_cli_generate_streams_text(tiny_llama_dir: Path, capsys, caplog):
     caplog.set_level("INFO")
     rc = main(["generate", "--model", str(tiny_llama_dir), "--prompt", "Hello",

@@ -262,6 +262,18 @@ def test_missing_colbert_says_how_to_install(monkeypatch):
         PlaidBackend(DIM)
 
 
+def test_colbert_that_does_not_import_names_the_versions(monkeypatch):
+    """What a transformers that colbert-ai's model code cannot import looks like: colbert-ai is
+    installed, but importing from it fails. The error names the versions, not a reinstall."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "colbert.search.index_storage",
+                        types.ModuleType("colbert.search.index_storage"))  # no IndexScorer
+    with pytest.raises(BackendError, match=r"colbert-ai 0\.2\.22, transformers \d") as err:
+        PlaidBackend(DIM)
+    assert "IndexScorer" in str(err.value) and "pip install" not in str(err.value)
+
+
 def test_load_of_a_broken_dir_is_a_backend_error(tmp_path):
     with pytest.raises(BackendError):
         PlaidBackend.load(tmp_path)

@@ -315,8 +315,11 @@ def test_validation(tok, kwargs: dict, match: str) -> None:
 
 
 def test_slow_tokenizer_refused(tokenizer_dir: Path) -> None:
-    from transformers import BertTokenizer
+    import transformers
 
-    slow = BertTokenizer(str(tokenizer_dir / "vocab.txt"))
+    # transformers 5's BertTokenizer is the fast one; its pure-Python one is BertTokenizerLegacy.
+    slow_class = getattr(transformers, "BertTokenizerLegacy", transformers.BertTokenizer)
+    slow = slow_class(str(tokenizer_dir / "vocab.txt"))
+    assert not slow.is_fast
     with pytest.raises(TypeError, match="fast tokenizer"):
         chunk_documents([], slow)
