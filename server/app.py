@@ -12,9 +12,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.async_engine import AsyncEngine
 from server.config import ServerConfig
 from server.engine import Engine
+from server.engine_client import EngineClient, FailureCallback
+from server.engines import build_engine
 from server.errors import APIError, error_response
 from server.metrics import Metrics
 from server.rag import RAGService
@@ -84,20 +85,43 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
+class ResponseCountMiddleware:
+    """Counts every HTTP response by route and status code (``ragserve_http_requests_total``);
+    paths that are not routes of the app count as ``other``."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: frozenset[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in self.routes else "other"
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.observe_response(route, message["status"])
+            await send(message)
+
+        return await self.app(scope, receive, counted)
+
+
 def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
-              on_engine_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
-    """The app for ``config``; ``factory`` builds the Engine (default: from the config)."""
-    metrics = Metrics(config.served_model_name or "loading")
+              on_engine_failure: FailureCallback | None = None,
+              engine: EngineClient | None = None) -> FastAPI:
+    """The app for ``config``, on the engine ``config.engine`` names (or ``engine``, already
+    built); ``factory`` builds ragserve's Engine (default: from the config)."""
 
-    def build() -> Engine:
-        engine = factory() if factory is not None else Engine.from_config(
-            config.engine_config(), on_progress=lambda status, fraction:
-            async_engine.report_load(status, fraction))
-        metrics.model_name = config.served_model_name or engine.model_name
-        return engine
+    def served_name() -> str:
+        return serving.model_name
 
-    engine = async_engine = AsyncEngine(build, observer=metrics, on_failure=on_engine_failure)
+    metrics = Metrics(served_name)
+    if engine is None:
+        engine = build_engine(config, served_name, on_failure=on_engine_failure,
+                              factory=factory)
     rag = RAGService(config, metrics, on_failure=on_engine_failure)
+    serving = OpenAIServing(engine, config, metrics, rag)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -112,8 +136,9 @@ def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
                               "continuous batching).")
     app.state.config = config
     app.state.metrics = metrics
+    app.state.engine = engine
     app.state.rag = rag
-    app.state.serving = OpenAIServing(engine, config, metrics, rag)
+    app.state.serving = serving
     app.include_router(router)
 
     @app.exception_handler(APIError)
@@ -139,4 +164,6 @@ def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
     app.add_middleware(BodyLimitMiddleware, limit=config.max_request_bytes)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    routes = frozenset(r.path for r in router.routes)
+    app.add_middleware(ResponseCountMiddleware, metrics=metrics, routes=routes)  # outermost
     return app

@@ -1,4 +1,5 @@
-"""AsyncEngine: the engine on its own thread, fed by asyncio handlers.
+"""AsyncEngine: ragserve's engine on its own thread, fed by asyncio handlers; the
+:class:`~server.engine_client.EngineClient` of ``--engine ragserve``.
 
 One thread owns the :class:`~server.engine.Engine` (nothing else touches it): it loads the model,
 then loops: apply queued adds and aborts, run one step, hand each output to its request's
@@ -9,7 +10,6 @@ disconnected client's slot is free for the very next step.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import queue
 import threading
@@ -20,20 +20,16 @@ from typing import Protocol
 
 from scheduler import FinishReason, SamplingParams, SchedulerStats
 from server.engine import Engine
+from server.engine_client import (
+    EngineDead,
+    EngineNotReady,
+    EngineState,
+    FailureCallback,
+    ModelInfo,
+)
 from server.output import RequestOutput
 
 log = logging.getLogger(__name__)
-
-
-class EngineState(str, enum.Enum):
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
-    STOPPED = "stopped"
-
-
-class EngineNotReady(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -70,6 +66,9 @@ class EngineObserver(Protocol):
 
     def on_finished(self, stats: FinishedRequestStats) -> None: ...
 
+    def render(self) -> bytes:
+        """The observed series in Prometheus' text format."""
+
 
 @dataclass
 class _Tracked:
@@ -88,10 +87,12 @@ def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
 
 
 class AsyncEngine:
-    """Thread-safe front of the engine; ``generate`` is an async iterator of outputs."""
+    """Thread-safe front of ragserve's engine; ``generate`` is an async iterator of outputs."""
+
+    name = "ragserve"
 
     def __init__(self, factory: Callable[[], Engine], observer: EngineObserver | None = None,
-                 on_failure: Callable[[BaseException], None] | None = None) -> None:
+                 on_failure: FailureCallback | None = None) -> None:
         self._factory = factory
         self._observer = observer
         self._on_failure = on_failure
@@ -101,6 +102,7 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="ragserve-engine", daemon=True)
         self._tracked: dict[str, _Tracked] = {}
         self.engine: Engine | None = None
+        self._info: ModelInfo | None = None
         self.state = EngineState.LOADING
         self.error: str | None = None
         self.load_seconds: float | None = None
@@ -129,6 +131,13 @@ class AsyncEngine:
     @property
     def ready(self) -> bool:
         return self.state == EngineState.READY
+
+    @property
+    def info(self) -> ModelInfo | None:
+        return self._info
+
+    def metrics_text(self) -> bytes:
+        return self._observer.render() if self._observer is not None else b""
 
     def projected_waiting(self, n_new: int) -> int:
         """How many requests would wait for a KV slot if ``n_new`` more arrived now."""
@@ -161,9 +170,12 @@ class AsyncEngine:
                     return
         finally:
             if not finished:
-                self.abort(request_id)
+                self._abort(request_id)
 
-    def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str) -> None:
+        self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
         self._wake.set()
 
@@ -180,6 +192,12 @@ class AsyncEngine:
                 self._on_failure(e)
             return
         self.load_seconds = time.perf_counter() - t0
+        b = self.engine.scheduler.buckets
+        self._info = ModelInfo(
+            name=self.engine.model_name, tokenizer=self.engine.tokenizer,
+            max_model_len=b.max_model_len, max_prompt_len=b.max_prompt_len,
+            context_encoding_buckets=tuple(b.context_encoding_buckets),
+            token_generation_buckets=tuple(b.token_generation_buckets))
         self._publish_scheduler()
         self.state = EngineState.READY
         log.info("engine ready in %.1fs", self.load_seconds)
@@ -190,7 +208,7 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             self._step()
-        self._fail_all(RuntimeError("server is shutting down"))
+        self._fail_all(EngineDead("the server is shutting down"))
 
     def report_load(self, status: str, fraction: float) -> None:
         """The factory's progress callback: what the load is doing and how far (0..1)."""
@@ -242,7 +260,7 @@ class AsyncEngine:
             outputs = engine.step()
         except Exception as e:  # not the runner (Engine.step handles that): a bug; fail all
             log.exception("engine step failed outside the model runner")
-            self._fail_all(e)
+            self._fail_all(EngineDead(f"engine step failed: {type(e).__name__}: {e}"))
             return
         now = time.monotonic()
         out = engine.last_scheduled

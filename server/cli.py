@@ -102,19 +102,24 @@ def serve(argv: Sequence[str] | None = None) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = build_app(config, on_engine_failure=on_failure)
+    try:
+        app = build_app(config, on_engine_failure=on_failure)
+    except ConfigError as e:  # what the engine cannot take (e.g. --vllm-arg keys)
+        print(f"ragserve serve: error: {e}", file=sys.stderr)
+        return 2
     server = uvicorn.Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level,
         timeout_graceful_shutdown=config.shutdown_grace_seconds, access_log=False))
-    log.info("serving %s on http://%s:%d (model loads in the background; /ready says when)",
-             config.model or "the embedded default model", config.host, config.port)
+    log.info("serving %s with the %s engine on http://%s:%d (model loads in the background; "
+             "/ready says when)", config.model or "the embedded default model", config.engine,
+             config.host, config.port)
     # uvicorn drains on SIGTERM (stops accepting, waits up to --shutdown-grace-seconds for
     # in-flight requests), then restores the previous handler and re-raises the signal. A drain
     # is a clean stop, so the handler it restores is a no-op and the process exits 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
     if failed:
-        log.error("exiting: startup failed (model or index did not load): %s", failed[0])
+        log.error("exiting: the engine or the index failed: %s", failed[0])
         return 1
     log.info("shut down cleanly")
     return 0

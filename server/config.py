@@ -10,15 +10,19 @@ Validation happens once, here, and every error names the flag (and the variable 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from server.engine import EngineConfig
 
 ENV_PREFIX = "RAGSERVE_"
 DEVICES = ("cpu", "cuda", "neuron")
+ENGINES = ("ragserve", "vllm")
 GROUNDING_MODES = ("report", "strip", "off")
 
 
@@ -37,6 +41,23 @@ def bucket_list(text: str) -> tuple[int, ...]:
     return out
 
 
+def vllm_arg(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` for vLLM's engine: VALUE is JSON when it parses as JSON (``true``, ``8``,
+    ``{"a": 1}``), else the string itself; ``-`` in KEY reads as ``_``.
+
+    >>> vllm_arg("enable-prefix-caching=true"), vllm_arg("distributed_executor_backend=ray")
+    (('enable_prefix_caching', True), ('distributed_executor_backend', 'ray'))
+    """
+    key, sep, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 def _bool(text: str) -> bool:
     low = text.strip().lower()
     if low in ("1", "true", "yes", "on"):
@@ -48,6 +69,8 @@ def _bool(text: str) -> bool:
 
 @dataclass(frozen=True)
 class ServerConfig:
+    engine: str = "ragserve"
+    vllm_args: tuple[tuple[str, Any], ...] = ()
     model: str | None = None
     served_model_name: str | None = None
     host: str = "127.0.0.1"
@@ -82,11 +105,15 @@ class ServerConfig:
                  f"must be >= 2, got {self.max_model_len}")
         _require(self.tensor_parallel_size >= 1, "--tensor-parallel-size",
                  f"must be >= 1, got {self.tensor_parallel_size}")
-        _require(self.tensor_parallel_size == 1 or self.device == "neuron",
-                 "--tensor-parallel-size",
-                 f"is {self.tensor_parallel_size}, but only --device neuron shards a model "
-                 f"(--device {self.device} runs on one device)")
+        _require(self.engine in ENGINES, "--engine", f"must be one of {ENGINES}, got "
+                 f"{self.engine!r}")
+        _require(self.tensor_parallel_size == 1 or self.device == "neuron"
+                 or self.engine == "vllm", "--tensor-parallel-size",
+                 f"is {self.tensor_parallel_size}, but ragserve's engine shards a model only "
+                 f"with --device neuron (--device {self.device} runs on one device; "
+                 "--engine vllm shards on GPUs)")
         _require(self.device in DEVICES, "--device", f"must be one of {DEVICES}")
+        self._check_engine_flags()
         _require(self.api_key is None or self.api_key != "", "--api-key", "must not be empty")
         _require(self.max_queue_len >= 1, "--max-queue-len",
                  f"must be >= 1, got {self.max_queue_len}")
@@ -107,6 +134,21 @@ class ServerConfig:
         _require(self.log_level in ("critical", "error", "warning", "info", "debug"),
                  "--log-level", f"must be critical, error, warning, info or debug, got "
                  f"{self.log_level!r}")
+
+    def _check_engine_flags(self) -> None:
+        """Flags that mean something to one engine only are refused for the other, never
+        ignored."""
+        if self.engine != "vllm":
+            _require(not self.vllm_args, "--vllm-arg", "applies to --engine vllm only")
+            return
+        _require(not self.compile, "--compile",
+                 "applies to --engine ragserve only (vLLM compiles its own graphs; see "
+                 "--vllm-arg compilation_config=... or enforce_eager=true)")
+        for flag, value in (("--context-encoding-buckets", self.context_encoding_buckets),
+                            ("--token-generation-buckets", self.token_generation_buckets)):
+            _require(value is None or self.device == "neuron", flag,
+                     f"means nothing to vLLM on --device {self.device} (it has no bucket "
+                     "graphs); with --device neuron it sets NxD Inference's bucket list")
 
     def chat_template_text(self) -> str | None:
         """``--chat-template`` as vLLM takes it: a file path, or the template itself."""
@@ -144,6 +186,16 @@ def env_name(flag: str) -> str:
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     d = ServerConfig()
+    p.add_argument("--engine", default=d.engine, choices=ENGINES,
+                   help="ragserve: our engine (bucket graphs, continuous batching; CPU, CUDA, "
+                        "transformers-neuronx); vllm: vLLM's engine in-process (GPUs, the "
+                        "supported Neuron stacks, multi-node)")
+    p.add_argument("--vllm-arg", dest="vllm_args", type=vllm_arg, action="append",
+                   default=[], metavar="KEY=VALUE",
+                   help="with --engine vllm: any other vLLM engine argument (repeatable), e.g. "
+                        "enable_prefix_caching=true, pipeline_parallel_size=2, "
+                        "distributed_executor_backend=ray, override_neuron_config={...}; "
+                        "VALUE is JSON or a string. RAGSERVE_VLLM_ARG: a shell-quoted list")
     p.add_argument("--model", default=d.model,
                    help="Hugging Face directory, .gguf file or Hub repo id "
                         "(default: the embedded SmolLM2-135M-Instruct)")
@@ -206,7 +258,10 @@ def config_from_args(argv: Sequence[str] | None = None,
             continue
         raw = environ[env_name(flag)]
         try:
-            value = (action.type or str)(raw) if raw != "" or action.type is None else None
+            if isinstance(action, argparse._AppendAction):  # a shell-quoted list of values
+                value = [(action.type or str)(item) for item in shlex.split(raw)]
+            else:
+                value = (action.type or str)(raw) if raw != "" or action.type is None else None
         except (argparse.ArgumentTypeError, ValueError) as e:
             raise ConfigError(f"{env_name(flag)} (for {flag}): {e}") from None
         if action.choices and value not in action.choices:
@@ -219,6 +274,7 @@ def config_from_args(argv: Sequence[str] | None = None,
     except argparse.ArgumentError as e:
         raise ConfigError(str(e)) from None
     values = vars(args)
+    values["vllm_args"] = tuple(values["vllm_args"])
     if "SAGEMAKER_BIND_TO_PORT" in environ and not _given(argv, "--port"):
         try:
             values["port"] = int(environ["SAGEMAKER_BIND_TO_PORT"])

@@ -1,12 +1,22 @@
-"""Prometheus metrics, read from the engine's stats dataclasses.
+"""Prometheus metrics: the API's (every engine) and ragserve's engine's.
 
-vLLM's names where the meaning matches (so vLLM dashboards work), all labelled ``model_name``;
-``ragserve_*`` for what is ours (buckets, padding, step time). ``vllm:kv_cache_usage_perc`` is
-the fraction of KV slots held by running sequences: a slot reserves ``max_model_len``
-positions, so that is the fraction of KV memory in use.
+Two registries, so no name is ever registered twice whichever engine runs:
+
+- :class:`Metrics`, the server's own series, the same with either engine: token delivery,
+  retrieval, grounding, HTTP responses (``ragserve_*``).
+- :class:`EngineMetrics`, ragserve's engine's series, read from its stats dataclasses: vLLM's
+  names where the meaning matches (so vLLM dashboards work), ``ragserve_*`` for what is ours
+  (buckets, padding, step time). With ``--engine vllm`` vLLM exports its own ``vllm:*`` series
+  instead (its ``PrometheusStatLogger``, in prometheus_client's global registry).
+
+Every series is labelled ``model_name`` (the served model name, as vLLM labels it).
+``vllm:kv_cache_usage_perc`` is the fraction of KV slots held by running sequences: a slot
+reserves ``max_model_len`` positions, so that is the fraction of KV memory in use.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -23,13 +33,80 @@ PASSAGE_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 
 
-class Metrics:
-    """Owns a registry; implements the engine observer (on_scheduler, on_step, on_finished)."""
+class _Series:
+    """A registry of series labelled ``model_name``, whose value is read at observation time
+    (the name is known only once the model has loaded)."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str | Callable[[], str]) -> None:
         self.registry = CollectorRegistry()
+        self._name = model_name if callable(model_name) else (lambda: model_name)
+        self._children: dict[tuple[int, str], Histogram] = {}
+
+    @property
+    def model_name(self) -> str:
+        return self._name()
+
+    def _child(self, metric: Histogram) -> Histogram:
+        """The ``model_name`` child, cached: it is hit once per token."""
+        key = (id(metric), self.model_name)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self.model_name)
+        return child
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class Metrics(_Series):
+    """The server's own series, the same whichever engine runs."""
+
+    def __init__(self, model_name: str | Callable[[], str]) -> None:
+        super().__init__(model_name)
         r, m = self.registry, ("model_name",)
-        self.model_name = model_name
+        self.delivery = Histogram("ragserve_token_delivery_seconds",
+                                  "Time from the engine producing a token to its SSE event being "
+                                  "written to the connection.", m, buckets=ITL_BUCKETS,
+                                  registry=r)
+        self.retrieval_seconds = Histogram("ragserve_retrieval_seconds",
+                                           "Time of one retrieval (query encoding and index "
+                                           "search).", m, buckets=STEP_BUCKETS, registry=r)
+        self.retrieved_passages = Histogram("ragserve_retrieved_passages",
+                                            "Passages placed in the prompt per RAG request.", m,
+                                            buckets=PASSAGE_BUCKETS, registry=r)
+        self.unsupported_citations = Counter("ragserve_unsupported_citations",
+                                             "Citations that point to no passage or whose "
+                                             "sentence the cited passages do not support.",
+                                             (*m, "kind"), registry=r)
+        self.http_requests = Counter("ragserve_http_requests",
+                                     "HTTP responses by route and status code.",
+                                     (*m, "route", "status"), registry=r)
+
+    def observe_delivery(self, seconds: float) -> None:
+        self._child(self.delivery).observe(seconds)
+
+    def observe_retrieval(self, seconds: float) -> None:
+        self.retrieval_seconds.labels(self.model_name).observe(seconds)
+
+    def observe_rag(self, passages_used: int, invalid: int, unsupported: int) -> None:
+        """One RAG answer: passages in its prompt, citations to no passage, citations whose
+        sentence is unsupported."""
+        name = self.model_name
+        self.retrieved_passages.labels(name).observe(passages_used)
+        self.unsupported_citations.labels(name, "invalid").inc(invalid)
+        self.unsupported_citations.labels(name, "unsupported").inc(unsupported)
+
+    def observe_response(self, route: str, status: int) -> None:
+        self.http_requests.labels(self.model_name, route, str(status)).inc()
+
+
+class EngineMetrics(_Series):
+    """ragserve's engine's series; implements its observer (on_scheduler, on_step,
+    on_finished), called on the engine thread."""
+
+    def __init__(self, model_name: str | Callable[[], str]) -> None:
+        super().__init__(model_name)
+        r, m = self.registry, ("model_name",)
         self.running = Gauge("vllm:num_requests_running",
                              "Number of requests in model execution batches.", m, registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Number of requests waiting.", m,
@@ -70,29 +147,10 @@ class Metrics:
         self.padding_tokens = Counter("ragserve_padding_tokens",
                                       "Tokens computed only to fill a bucket.", (*m, "phase"),
                                       registry=r)
-        self.delivery = Histogram("ragserve_token_delivery_seconds",
-                                  "Time from the engine producing a token to its SSE event being "
-                                  "written to the connection.", m, buckets=ITL_BUCKETS,
-                                  registry=r)
         self.step_seconds = Histogram("ragserve_engine_step_seconds",
                                       "Time of one engine step (schedule, forward, sample, "
                                       "detokenize).", (*m, "phase"), buckets=STEP_BUCKETS,
                                       registry=r)
-        self.retrieval_seconds = Histogram("ragserve_retrieval_seconds",
-                                           "Time of one retrieval (query encoding and index "
-                                           "search).", m, buckets=STEP_BUCKETS, registry=r)
-        self.retrieved_passages = Histogram("ragserve_retrieved_passages",
-                                            "Passages placed in the prompt per RAG request.", m,
-                                            buckets=PASSAGE_BUCKETS, registry=r)
-        self.unsupported_citations = Counter("ragserve_unsupported_citations",
-                                             "Citations that point to no passage or whose "
-                                             "sentence the cited passages do not support.",
-                                             (*m, "kind"), registry=r)
-        self._children: dict[tuple[int, str], Histogram] = {}
-        for g in (self.running, self.waiting, self.kv_usage):
-            g.labels(model_name).set(0)
-
-    # -- the engine observer -------------------------------------------------------------
 
     def on_scheduler(self, stats: SchedulerStats) -> None:
         name = self.model_name
@@ -122,28 +180,3 @@ class Metrics:
             self.ttft.labels(name).observe(stats.ttft)
         self.req_prompt.labels(name).observe(stats.num_prompt_tokens)
         self.req_generation.labels(name).observe(stats.num_generation_tokens)
-
-    def observe_delivery(self, seconds: float) -> None:
-        self._child(self.delivery).observe(seconds)
-
-    def observe_retrieval(self, seconds: float) -> None:
-        self.retrieval_seconds.labels(self.model_name).observe(seconds)
-
-    def observe_rag(self, passages_used: int, invalid: int, unsupported: int) -> None:
-        """One RAG answer: passages in its prompt, citations to no passage, citations whose
-        sentence is unsupported."""
-        name = self.model_name
-        self.retrieved_passages.labels(name).observe(passages_used)
-        self.unsupported_citations.labels(name, "invalid").inc(invalid)
-        self.unsupported_citations.labels(name, "unsupported").inc(unsupported)
-
-    def _child(self, metric: Histogram) -> Histogram:
-        """The ``model_name`` child, cached: it is hit once per token."""
-        key = (id(metric), self.model_name)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(self.model_name)
-        return child
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from scheduler import RequestTooLongError, SamplingParams
-from scheduler.scheduler import Scheduler
+from server.engine_client import ModelInfo
 from server.errors import APIError, bad_request
 from server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 
@@ -108,7 +108,7 @@ def check_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
 
 
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: int,
-                    scheduler: Scheduler, seed_offset: int = 0) -> SamplingParams:
+                    limits: ModelInfo, seed_offset: int = 0) -> SamplingParams:
     """SamplingParams for one choice; raises a 400 naming the field or the length limit."""
     if isinstance(req, ChatCompletionRequest):
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -118,7 +118,7 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: 
         max_tokens = req.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
         logprobs, max_param = req.logprobs, "max_tokens"
     try:
-        max_tokens = scheduler.check_fits(prompt_len, max_tokens)
+        max_tokens = limits.check_fits(prompt_len, max_tokens)
     except RequestTooLongError as e:
         prompt_param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
         prompt_fits = e.prompt_len <= e.max_prompt_len and e.prompt_len < e.max_model_len

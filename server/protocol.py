@@ -246,6 +246,7 @@ class ModelCard(BaseModel):
     owned_by: str = "ragserve"
     root: str | None = None
     max_model_len: int | None = None
+    engine: str | None = Field(default=None, description="ragserve or vllm")
     retriever: RetrieverInfo | None = None
 
 
@@ -320,6 +321,7 @@ class DetokenizeResponse(BaseModel):
 
 class ReadyResponse(BaseModel):
     status: str
+    engine: str | None = Field(default=None, description="ragserve or vllm")
     model: str | None = None
     load_seconds: float | None = None
     error: str | None = None

@@ -66,12 +66,12 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 @router.get("/v1/models", response_model=ModelList, tags=["openai"])
 async def models(request: Request) -> ModelList:
     serving = request.app.state.serving
-    engine = serving.engine.engine
-    max_len = engine.scheduler.buckets.max_model_len if engine else None
-    root = str(engine.model_name) if engine else None
+    info = serving.engine.info
     retriever = request.app.state.rag.info()
-    return ModelList(data=[ModelCard(id=serving.model_name, root=root, max_model_len=max_len,
-                                     retriever=retriever)])
+    return ModelList(data=[ModelCard(
+        id=serving.model_name, root=info.name if info else None,
+        max_model_len=info.max_model_len if info else None, engine=serving.engine.name,
+        retriever=retriever)])
 
 
 @router.post("/v1/retrieve", response_model=RetrieveResponse, responses=ERRORS, tags=["ragserve"])
@@ -89,28 +89,24 @@ async def retrieve(body: RetrieveRequest, request: Request) -> RetrieveResponse:
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS, tags=["vllm"])
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     serving = request.app.state.serving
-    serving._admit(body.model)
-    engine = serving.engine.engine
+    info = serving.admit(body.model)
     if body.messages is not None:
         chat = ChatCompletionRequest(messages=body.messages,
                                      add_generation_prompt=body.add_generation_prompt)
-        ids = chat_prompt_ids(engine.tokenizer, chat, serving.chat_template)
+        ids = chat_prompt_ids(info.tokenizer, chat, serving.chat_template)
     else:
-        ids = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-    return TokenizeResponse(count=len(ids), max_model_len=engine.scheduler.buckets.max_model_len,
-                            tokens=ids)
+        ids = info.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    return TokenizeResponse(count=len(ids), max_model_len=info.max_model_len, tokens=ids)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS, tags=["vllm"])
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
-    serving = request.app.state.serving
-    serving._admit(body.model)
-    tokenizer = serving.engine.engine.tokenizer
-    bad = [t for t in body.tokens if not 0 <= t < len(tokenizer)]
+    info = request.app.state.serving.admit(body.model)
+    bad = [t for t in body.tokens if not 0 <= t < info.vocab_size]
     if bad:
-        raise bad_request(f"token id {bad[0]} is outside the vocabulary (0..{len(tokenizer) - 1})",
-                          "tokens")
-    return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+        raise bad_request(f"token id {bad[0]} is outside the vocabulary "
+                          f"(0..{info.vocab_size - 1})", "tokens")
+    return DetokenizeResponse(prompt=info.tokenizer.decode(body.tokens))
 
 
 @router.get("/health", tags=["ops"])
@@ -122,16 +118,17 @@ async def health() -> Response:
 def _ready(request: Request) -> JSONResponse:
     engine = request.app.state.serving.engine
     rag = request.app.state.rag
-    body = ReadyResponse(status=engine.state.value, load_seconds=engine.load_seconds,
-                         error=engine.error, retriever=rag.info())
+    body = ReadyResponse(status=engine.state.value, engine=engine.name,
+                         load_seconds=engine.load_seconds, error=engine.error,
+                         retriever=rag.info())
     if engine.ready and rag.enabled and rag.state != "ready":
         body.status = "loading" if rag.state == "loading" else "failed"
         body.error = rag.error
-    elif engine.ready:
-        b = engine.engine.scheduler.buckets
+    elif engine.ready and engine.info is not None:
+        info = engine.info
         body.model = request.app.state.serving.model_name
-        body.context_encoding_buckets = list(b.context_encoding_buckets)
-        body.token_generation_buckets = list(b.token_generation_buckets)
+        body.context_encoding_buckets = list(info.context_encoding_buckets) or None
+        body.token_generation_buckets = list(info.token_generation_buckets) or None
         return JSONResponse(body.model_dump(exclude_none=True))
     loading = body.status == "loading"
     if engine.state.value == "loading" and engine.load_status is not None:  # Neuron graphs
@@ -180,7 +177,9 @@ async def invocations(request: Request) -> Any:
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
 async def metrics(request: Request) -> Response:
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    """The server's series and the engine's (each name registered once: see server.metrics)."""
+    text = request.app.state.metrics.render() + request.app.state.engine.metrics_text()
+    return Response(text, media_type=CONTENT_TYPE_LATEST)
 
 
 def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:

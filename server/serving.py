@@ -13,8 +13,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from scheduler import FinishReason, SamplingParams, TokenLogprobs
-from server.async_engine import AsyncEngine, EngineState
 from server.config import ServerConfig
+from server.engine_client import (
+    EngineClient,
+    EngineDead,
+    EngineRequestError,
+    EngineState,
+    ModelInfo,
+)
 from server.errors import APIError, bad_request
 from server.metrics import Metrics
 from server.output import RequestOutput
@@ -132,9 +138,9 @@ async def merged(streams: Sequence[AsyncIterator[RequestOutput]]
 
 
 class OpenAIServing:
-    """Chat and completions over an AsyncEngine."""
+    """Chat and completions over an engine (either: see :mod:`server.engine_client`)."""
 
-    def __init__(self, engine: AsyncEngine, config: ServerConfig,
+    def __init__(self, engine: EngineClient, config: ServerConfig,
                  metrics: Metrics | None = None, rag: RAGService | None = None) -> None:
         self.engine = engine
         self.config = config
@@ -148,7 +154,16 @@ class OpenAIServing:
     def model_name(self) -> str:
         if self.config.served_model_name:
             return self.config.served_model_name
-        return self.engine.engine.model_name if self.engine.engine else "loading"
+        info = self.engine.info
+        return info.name if info is not None else "loading"
+
+    @property
+    def info(self) -> ModelInfo:
+        """The loaded model (call after :meth:`check_ready`)."""
+        info = self.engine.info
+        if info is None:  # ready implies loaded; a race with a failing engine lands here
+            raise APIError(503, "the engine is not available", code="engine_unavailable")
+        return info
 
     def check_ready(self) -> None:
         if self.engine.state == EngineState.READY:
@@ -174,9 +189,11 @@ class OpenAIServing:
                                 f"(--max-queue-len {limit}); retry shortly",
                            code="queue_full", headers={"Retry-After": RETRY_AFTER_QUEUE})
 
-    def _admit(self, model: str | None) -> None:
+    def admit(self, model: str | None) -> ModelInfo:
+        """Ready and the right model name, or the error that says which is not."""
         self.check_ready()
         self.check_model(model)
+        return self.info
 
     def _submit(self, prefix: str, prompts: Sequence[list[int]],
                 params: Sequence[Sequence[SamplingParams]], arrival: float
@@ -190,13 +207,11 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Any:
         arrival = time.monotonic()
-        self._admit(req.model)
+        info = self.admit(req.model)
         check_unsupported(req)
-        engine = self.engine.engine
-        rag = await self._rag_prompt(req) if req.rag is not None else None
-        ids = rag.prompt_ids if rag else chat_prompt_ids(engine.tokenizer, req,
-                                                          self.chat_template)
-        params = [sampling_params(req, len(ids), engine.scheduler, i) for i in range(req.n)]
+        rag = await self._rag_prompt(req, info) if req.rag is not None else None
+        ids = rag.prompt_ids if rag else chat_prompt_ids(info.tokenizer, req, self.chat_template)
+        params = [sampling_params(req, len(ids), info, i) for i in range(req.n)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = self._submit(rid, [ids], [params], arrival)
         if req.stream:
@@ -225,17 +240,14 @@ class OpenAIServing:
             body.update(sources=rag.sources(), grounding=grounding)
         return JSONResponse(body)
 
-    async def _rag_prompt(self, req: ChatCompletionRequest) -> RAGContext:
+    async def _rag_prompt(self, req: ChatCompletionRequest, info: ModelInfo) -> RAGContext:
         if req.n != 1:
             raise bad_request("rag requests support n=1 only (one grounded answer)", "n")
-        scheduler = self.engine.engine.scheduler
         max_tokens = req.max_completion_tokens or req.max_tokens
-        buckets = scheduler.buckets
         return await self.rag.prepare(
             message_dicts(req.messages), req.rag, max_tokens,
-            (buckets.max_prompt_len, buckets.max_model_len),
-            lambda msgs: chat_prompt_ids(self.engine.engine.tokenizer, req, self.chat_template,
-                                         msgs))
+            (info.max_prompt_len, info.max_model_len),
+            lambda msgs: chat_prompt_ids(info.tokenizer, req, self.chat_template, msgs))
 
     def _chat_stream(self, rid: str, req: ChatCompletionRequest, n_prompt: int,
                      streams: list[AsyncIterator[RequestOutput]],
@@ -301,15 +313,14 @@ class OpenAIServing:
 
     async def completions(self, req: CompletionRequest, raw: Request) -> Any:
         arrival = time.monotonic()
-        self._admit(req.model)
+        info = self.admit(req.model)
         check_unsupported(req)
-        engine = self.engine.engine
-        prompts = completion_prompts(engine.tokenizer, req.prompt)
-        params = [[sampling_params(req, len(ids), engine.scheduler, j) for j in range(req.n)]
+        prompts = completion_prompts(info.tokenizer, req.prompt)
+        params = [[sampling_params(req, len(ids), info, j) for j in range(req.n)]
                   for ids in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = self._submit(rid, prompts, params, arrival)
-        echoes = ([engine.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
+        echoes = ([info.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
                   if req.echo else [""] * len(prompts))
         n_prompt = sum(len(ids) for ids in prompts)
         if req.stream:
@@ -398,8 +409,11 @@ class OpenAIServing:
                     n_out += len(o.token_ids)
                 else:
                     self._delivered(o)
-        except RuntimeError as e:  # the engine stopped under us
-            yield sse(APIError(500, str(e)).body())
+        except EngineDead as e:  # the engine stopped under us
+            yield sse(APIError(503, f"the engine is not available: {e}",
+                               code="engine_unavailable").body())
+        except EngineRequestError as e:
+            yield sse(APIError(e.status, str(e)).body())
         if usage_event is not None:
             yield usage_event(Usage(prompt_tokens=n_prompt, completion_tokens=n_out,
                                     total_tokens=n_prompt + n_out))
@@ -414,15 +428,21 @@ class OpenAIServing:
 
     async def _finals(self, streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
         last: dict[int, RequestOutput] = {}
-        async for i, o in merged(streams):
-            last[i] = o
+        try:
+            async for i, o in merged(streams):
+                last[i] = o
+        except EngineDead as e:
+            raise APIError(503, f"the engine is not available: {e}",
+                           code="engine_unavailable") from None
+        except EngineRequestError as e:
+            raise APIError(e.status, str(e)) from None
         if any(o.finish_reason == FinishReason.ERROR for o in last.values()):
             raise APIError(500, f"{ENGINE_FAILED}; the server keeps serving other requests",
                            code="engine_step_failed")
         return [last[i] for i in range(len(streams))]
 
     def _token_text(self, token_id: int) -> str:
-        return self.engine.engine.tokenizer.decode([token_id])
+        return self.info.tokenizer.decode([token_id])
 
     def _chat_logprobs(self, logprobs: Sequence[TokenLogprobs]) -> ChatLogprobs:
         def top(tid: int, lp: float) -> TopLogprob:

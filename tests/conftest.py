@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
 from helpers import LLAMA3_CHAT_TEMPLATE, LLAMA31_ROPE, llama3_tokenizer_model, make_tiny_llama_dir
+from serverutil import ENGINES
+
+# imported by vLLM's engine (make test-vllm), never by pytest: it needs vLLM
+collect_ignore = ["vllm_script.py"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -56,3 +61,24 @@ def tiny_colbert(tiny_colbert_dir: Path):
     from retrieval.encoder import ColBERTEncoder
 
     return ColBERTEncoder(tiny_colbert_dir, name="tiny-colbert", dtype="float32")
+
+
+# -- engines: the server tests run against each engine in RAGSERVE_TEST_ENGINES ---------------
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test (or module fixture) that takes ``engine_name`` runs once per engine under test,
+    with one server per module and engine."""
+    if "engine_name" in metafunc.fixturenames:
+        metafunc.parametrize("engine_name", ENGINES, scope="module")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that take ``engine_name`` get the ``engines`` marker (``make test-vllm`` selects them);
+    ``vllm`` tests skip where vLLM is not installed."""
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    for item in items:
+        if getattr(item, "callspec", None) and "engine_name" in item.callspec.params:
+            item.add_marker("engines")
+        if item.get_closest_marker("vllm") is not None and not has_vllm:
+            item.add_marker(pytest.mark.skip(reason="needs vLLM (`make test-vllm` runs it)"))

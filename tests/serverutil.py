@@ -15,6 +15,19 @@ import httpx
 import uvicorn
 
 ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+#: The engines the server tests run against: ``make test`` runs ragserve's, ``make test-vllm``
+#: sets RAGSERVE_TEST_ENGINES=vllm in the venv that has vLLM.
+ENGINES = tuple(e for e in os.environ.get("RAGSERVE_TEST_ENGINES", "ragserve").split(",") if e)
+
+
+def engine_flags(engine: str) -> list[str]:
+    """``ragserve serve`` flags that select ``engine`` for a test server. vLLM runs eager (no
+    torch.compile: it starts in seconds on a small CPU)."""
+    if engine == "vllm":
+        return ["--engine", "vllm", "--vllm-arg", "enforce_eager=true"]
+    return []
 
 
 def free_port() -> int:
@@ -23,7 +36,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, headers: dict | None = None, timeout: float = 180.0,
+def wait_ready(url: str, headers: dict | None = None, timeout: float = 300.0,
                proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -38,9 +51,17 @@ def wait_ready(url: str, headers: dict | None = None, timeout: float = 180.0,
     raise TimeoutError(f"{url} not ready after {timeout}s")
 
 
-def start_subprocess(args: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_subprocess(args: list[str], log_path: Path, env: dict[str, str] | None = None
+                     ) -> tuple[subprocess.Popen, str]:
+    """``python -m server`` on a free port of 127.0.0.1. vLLM (when ``args`` select it) gets a
+    1 GiB CPU KV cache, loopback for its engine-core sockets, and ``tests/`` on its path (the
+    scripted logits processor lives there)."""
     port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               VLLM_CPU_KVCACHE_SPACE="1", VLLM_HOST_IP="127.0.0.1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS),
+                                                        os.environ.get("PYTHONPATH")])),
+               **(env or {}))
     log = open(log_path, "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), *args],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -46,8 +46,19 @@ def test_sagemaker_port():
     ([], {"RAGSERVE_MAX_NUM_SEQS": "0"},
      r"--max-num-seqs must be >= 1, got 0 \(from RAGSERVE_MAX_NUM_SEQS\)"),
     ([], {"RAGSERVE_PORT": "http"}, "RAGSERVE_PORT \\(for --port\\)"),
-    (["--tensor-parallel-size", "2"], {}, "--tensor-parallel-size is 2, but only --device "
-                                          "neuron shards a model"),
+    (["--tensor-parallel-size", "2"], {}, "--tensor-parallel-size is 2, but ragserve's engine "
+                                          "shards a model only with --device neuron"),
+    (["--engine", "tgi"], {}, "argument --engine: invalid choice"),
+    ([], {"RAGSERVE_ENGINE": "tgi"}, r"RAGSERVE_ENGINE \(for --engine\) must be one of"),
+    (["--vllm-arg", "enable_prefix_caching=true"], {}, "--vllm-arg applies to --engine vllm"),
+    (["--engine", "vllm", "--vllm-arg", "novalue"], {}, "expected KEY=VALUE"),
+    ([], {"RAGSERVE_ENGINE": "vllm", "RAGSERVE_VLLM_ARG": "a=1 =2"},
+     r"RAGSERVE_VLLM_ARG \(for --vllm-arg\): expected KEY=VALUE, got '=2'"),
+    (["--engine", "vllm", "--compile"], {}, "--compile applies to --engine ragserve only"),
+    (["--engine", "vllm", "--context-encoding-buckets", "128,256"], {},
+     "--context-encoding-buckets means nothing to vLLM on --device cpu"),
+    (["--engine", "vllm", "--device", "cuda", "--token-generation-buckets", "128"], {},
+     "--token-generation-buckets means nothing to vLLM on --device cuda"),
     ([], {"RAGSERVE_DEVICE": "tpu"}, "RAGSERVE_DEVICE \\(for --device\\) must be one of"),
     (["--port", "70000"], {}, "--port must be in 1..65535"),
     ([], {"RAGSERVE_CONTEXT_ENCODING_BUCKETS": "a,b"}, "RAGSERVE_CONTEXT_ENCODING_BUCKETS"),
@@ -55,6 +66,27 @@ def test_sagemaker_port():
 def test_errors_name_the_flag(argv, env, message):
     with pytest.raises(ConfigError, match=message):
         config_from_args(argv, environ=env)
+
+
+def test_engine_flags_from_the_command_line_and_the_environment():
+    cfg = config_from_args(["--engine", "vllm", "--tensor-parallel-size", "2", "--device",
+                            "cuda", "--vllm-arg", "enable-prefix-caching=true",
+                            "--vllm-arg", "distributed_executor_backend=ray"], environ={})
+    assert cfg.engine == "vllm" and cfg.tensor_parallel_size == 2
+    assert cfg.vllm_args == (("enable_prefix_caching", True),
+                             ("distributed_executor_backend", "ray"))
+    env = {"RAGSERVE_ENGINE": "vllm", "RAGSERVE_DEVICE": "neuron",
+           "RAGSERVE_CONTEXT_ENCODING_BUCKETS": "128,512",
+           "RAGSERVE_VLLM_ARG": "max_num_batched_tokens=512 override_neuron_config="
+                                """'{"sequence_parallel_enabled": false, "skip_warmup": true}'"""}
+    cfg = config_from_args([], environ=env)
+    assert cfg.context_encoding_buckets == (128, 512)
+    assert cfg.vllm_args == (("max_num_batched_tokens", 512), ("override_neuron_config", {
+        "sequence_parallel_enabled": False, "skip_warmup": True}))
+    # the command line adds to the environment's list; a repeated key takes the last value
+    cfg = config_from_args(["--vllm-arg", "max_num_batched_tokens=1024"], environ=env)
+    assert dict(cfg.vllm_args)["max_num_batched_tokens"] == 1024
+    assert config_from_args([], environ={}).engine == "ragserve"
 
 
 def test_chat_template_is_a_file_or_a_template(tmp_path: Path):

@@ -1,10 +1,12 @@
 """RAG end to end: index build, the server with --index, /v1/retrieve, `rag` chat requests
-through the openai client (plain and streamed), citations, the grounding check, metrics.
+through the openai client (plain and streamed), citations, the grounding check, metrics; once
+per engine under test.
 
 The retriever is a tiny ColBERT checkpoint built in the test (a soft lexical matcher). A tiny
-random LLM cannot be made to cite, so the model here is scripted: a backend whose logits spell a
-fixed answer, set by each test. Everything else (scheduler, runner, prompt building, retrieval,
-grounding, HTTP) is the production code.
+random LLM cannot be made to cite, so the model here is scripted to spell a fixed answer, set by
+each test: with ragserve's engine a backend whose logits spell it, with vLLM's a logits
+processor loaded into vLLM's engine (tests/vllm_script.py). Everything else (scheduler, runner,
+prompt building, retrieval, grounding, HTTP) is the production code.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import httpx
 import openai
 import pytest
 import torch
-from serverutil import ThreadServer, metric, wait_ready
+from serverutil import ThreadServer, engine_flags, metric, start_subprocess, wait_ready
 
 from bucketing import BucketConfig
 from retrieval.encoder import ColBERTEncoder
@@ -85,27 +87,63 @@ def index_dir(docs_dir: Path, tiny_colbert_dir: Path, tmp_path_factory) -> Path:
     return out
 
 
+class RagServer:
+    """A running server with --index, and how to set the answer its model writes."""
+
+    def __init__(self, url: str, tokenizer: object, set_script: object) -> None:
+        self.url, self.tokenizer, self.set_script = url, tokenizer, set_script
+
+    def say(self, text: str) -> None:
+        self.set_script(self.tokenizer.encode(text, add_special_tokens=False))
+
+
 @pytest.fixture(scope="module")
-def rag_server(index_dir: Path, llama3_tokenizer_dir: Path):
+def rag_server(engine_name: str, index_dir: Path, llama3_tokenizer_dir: Path, tiny_llama_dir: Path,
+               tmp_path_factory: pytest.TempPathFactory):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(llama3_tokenizer_dir))
-    buckets = BucketConfig.default(512, 2, context_encoding_buckets=(128, 256, 384),
-                                   token_generation_buckets=(512,))
-    backend = ScriptedBackend(buckets, len(tokenizer))
+    if engine_name == "ragserve":  # in-process, on a scripted backend
+        buckets = BucketConfig.default(512, 2, context_encoding_buckets=(128, 256, 384),
+                                       token_generation_buckets=(512,))
+        backend = ScriptedBackend(buckets, len(tokenizer))
 
-    def factory() -> Engine:
-        return Engine(Scheduler(buckets, [EOT]), ModelRunner(backend), tokenizer, "scripted")
+        def factory() -> Engine:
+            return Engine(Scheduler(buckets, [EOT]), ModelRunner(backend), tokenizer,
+                          "scripted")
 
-    config = ServerConfig(index=index_dir, grounding_threshold=0.8, rag_answer_tokens=64)
-    with ThreadServer(build_app(config, factory=factory)) as srv:
-        wait_ready(srv.url, {})
-        srv.backend, srv.tokenizer = backend, tokenizer
-        yield srv
+        def set_script(ids: list[int]) -> None:
+            backend.script = ids
+
+        config = ServerConfig(index=index_dir, grounding_threshold=0.8, rag_answer_tokens=64)
+        with ThreadServer(build_app(config, factory=factory)) as srv:
+            wait_ready(srv.url, {})
+            yield RagServer(srv.url, tokenizer, set_script)
+        return
+    # vLLM's engine on the tiny model (same tokenizer), scripted by a logits processor
+    tmp = tmp_path_factory.mktemp("rag-vllm")
+    script = tmp / "script.json"
+
+    def write_script(ids: list[int]) -> None:
+        script.write_text(json.dumps(ids))
+
+    proc, url = start_subprocess([
+        "--model", str(tiny_llama_dir), "--served-model-name", "scripted", "--dtype", "float32",
+        "--max-model-len", "512", "--max-num-seqs", "2", "--index", str(index_dir),
+        "--grounding-threshold", "0.8", "--rag-answer-tokens", "64", *engine_flags(engine_name),
+        "--vllm-arg", 'logits_processors=["vllm_script:ScriptedLogits"]',
+    ], tmp / "server.log", env={"RAGSERVE_TEST_SCRIPT": str(script)})
+    try:
+        wait_ready(url, proc=proc)
+        yield RagServer(url, tokenizer, write_script)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        print((tmp / "server.log").read_text()[-3000:])
 
 
-def say(srv, text: str) -> None:
-    srv.backend.script = srv.tokenizer.encode(text, add_special_tokens=False)
+def say(srv: RagServer, text: str) -> None:
+    srv.say(text)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
-from serverutil import ThreadServer, start_subprocess, wait_ready
+from serverutil import ThreadServer, engine_flags, start_subprocess, wait_ready
 
 from server.app import build_app
 from server.config import ServerConfig
@@ -92,12 +92,14 @@ def test_a_failing_step_answers_500_for_its_requests_and_the_server_keeps_servin
         assert after.status_code == 200
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_llama_dir: Path, tmp_path: Path):
+def test_sigterm_drains_in_flight_requests_then_exits_0(engine_name: str, tiny_llama_dir: Path,
+                                                       tmp_path: Path):
+    buckets = ["--context-encoding-buckets", "16,32,64,128", "--token-generation-buckets",
+               "32,64,128,256"] if engine_name == "ragserve" else []
     proc, url = start_subprocess([
         "--model", str(tiny_llama_dir), "--dtype", "float32", "--max-model-len", "256",
-        "--max-num-seqs", "2", "--context-encoding-buckets", "16,32,64,128",
-        "--token-generation-buckets", "32,64,128,256", "--shutdown-grace-seconds", "60",
-        "--served-model-name", "tiny"], tmp_path / "server.log")
+        "--max-num-seqs", "2", *buckets, "--shutdown-grace-seconds", "60",
+        "--served-model-name", "tiny", *engine_flags(engine_name)], tmp_path / "server.log")
     try:
         wait_ready(url, proc=proc)
         chunks: list[dict] = []
