@@ -389,12 +389,19 @@ class OpenAIServing:
                           usage_event: Callable[[Usage], str] | None) -> AsyncIterator[str]:
         """The SSE body shared by chat and completions: ``prologue``, one ``event`` per output
         with new text (or a finish; an async ``event`` is awaited, an empty one skipped), an
-        error event if the engine fails, the usage event when asked for, ``[DONE]``."""
-        for e in prologue:
-            yield e
+        error event if the engine fails, the usage event when asked for, ``[DONE]``.
+
+        The prologue (the chat ``role`` chunk, RAG ``sources``, the completions echo) goes out
+        with the engine's first output, not before the prefill: as in vLLM, the first event a
+        client sees marks the first token, which is what ``vllm bench serve``, genai-perf and
+        llmperf time as TTFT."""
         n_out = 0
         try:
             async for i, o in merged(streams):
+                if prologue:
+                    for e in prologue:
+                        yield e
+                    prologue = []
                 if o.finish_reason == FinishReason.ERROR:
                     yield sse(APIError(500, ENGINE_FAILED).body())
                     continue
@@ -409,11 +416,14 @@ class OpenAIServing:
                     n_out += len(o.token_ids)
                 else:
                     self._delivered(o)
-        except EngineDead as e:  # the engine stopped under us
-            yield sse(APIError(503, f"the engine is not available: {e}",
-                               code="engine_unavailable").body())
-        except EngineRequestError as e:
-            yield sse(APIError(e.status, str(e)).body())
+        except (EngineDead, EngineRequestError) as err:
+            for e in prologue:  # no output came before the failure
+                yield e
+            if isinstance(err, EngineDead):  # the engine stopped under us
+                yield sse(APIError(503, f"the engine is not available: {err}",
+                                   code="engine_unavailable").body())
+            else:
+                yield sse(APIError(err.status, str(err)).body())
         if usage_event is not None:
             yield usage_event(Usage(prompt_tokens=n_prompt, completion_tokens=n_out,
                                     total_tokens=n_prompt + n_out))

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -224,6 +226,7 @@ class FakeLLM:
         self.closed: list[str] = []
         self.requests: list[tuple[Any, Any, str]] = []
         self.shut = False
+        self.hold: threading.Event | None = None  # set: the first output may come
 
     async def generate(self, prompt: Any, params: Any, request_id: str
                        ) -> AsyncIterator[SimpleNamespace]:
@@ -233,6 +236,8 @@ class FakeLLM:
                 if isinstance(self.fail, DeadError):
                     self.errored = True
                 raise self.fail
+            while self.hold is not None and not self.hold.is_set():  # "prefill"
+                await asyncio.sleep(0.01)
             for i, word in enumerate(self.script):
                 last = i == len(self.script) - 1
                 yield vout(word, [100 + i], finish="stop" if last else None)
@@ -390,6 +395,24 @@ def test_the_server_is_the_same_code_on_either_engine(tokenizer):
                        json={"model": "tiny", "prompt": "x"})
         assert r.status_code == 400 and "bad sampling for vLLM" in r.json()["error"]["message"]
         engine.llm.fail = None
+        # the stream's first event (the role chunk) goes out with the first token, not before
+        engine.llm.hold = threading.Event()
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", timeout=30, json={
+                "model": "tiny", "messages": msgs, "stream": True}) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            first: list[str] = []
+            reader = threading.Thread(target=lambda: first.append(next(lines)), daemon=True)
+            reader.start()
+            reader.join(0.5)
+            assert first == []  # nothing while the engine has produced nothing
+            engine.llm.hold.set()
+            reader.join(10)
+            event = json.loads(first[0][len("data: "):])
+            assert event["choices"][0]["delta"]["role"] == "assistant"
+            rest = "".join(lines)
+        assert '"content": "Hello"' in rest and rest.endswith("data: [DONE]")
+        engine.llm.hold = None
         metrics = httpx.get(f"{srv.url}/metrics").text
         assert 'ragserve_http_requests_total{model_name="tiny",route="/v1/completions",' \
                'status="400"} 2.0' in metrics
