@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.common import emit, round_floats
-from benchmarks.compare_servers import RssSampler
+from benchmarks.compare_servers import RssSampler, stop
 
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_HOST_IP": "127.0.0.1",
             "VLLM_NO_USAGE_STATS": "1"}
@@ -86,14 +85,7 @@ def measure(name: str, cmd: list[str], env: dict[str, str], args: argparse.Names
                       f"{r['median_tpot_ms']:.0f} ms p99 {r['p99_tpot_ms']:.0f} ms, "
                       f"{r['failed']} failed", flush=True)
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(90)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            sampler.stop.set()
-            sampler.join()
+            stop(proc, sampler, timeout=90)
     return {"ready_s": ready_s, "peak_rss_gib": sampler.peak / 2**30, "runs": runs}
 
 

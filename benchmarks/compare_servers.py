@@ -54,6 +54,18 @@ class RssSampler(threading.Thread):
             time.sleep(0.2)
 
 
+def stop(proc: subprocess.Popen, sampler: RssSampler, timeout: float = 60) -> None:
+    """SIGTERM the server's process group (SIGKILL after ``timeout``), then the RSS sampler."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    sampler.stop.set()
+    sampler.join()
+
+
 def measure(name: str, cmd: str, ready_url: str, load_args: argparse.Namespace,
             timeout: float, log_dir: Path) -> dict:
     log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 - closed below
@@ -81,14 +93,7 @@ def measure(name: str, cmd: str, ready_url: str, load_args: argparse.Namespace,
         print(f"{name}: {load['output_tok_s']:.1f} tok/s, TTFT p50 "
               f"{load['ttft_p50_s'] * 1e3:.0f} ms, {load['errors']} errors", flush=True)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        sampler.stop.set()
-        sampler.join()
+        stop(proc, sampler)
         log.close()
     return {"ready_s": ready_s, "peak_rss_gib": sampler.peak / 2**30, **load}
 
