@@ -469,11 +469,3 @@ class VLLMEngine:
     async def abort(self, request_id: str) -> None:
         if self.llm is not None:
             await self.llm.abort(request_id)
-
-
-def vllm_available() -> bool:
-    """Whether vLLM can be imported here (without importing it)."""
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
