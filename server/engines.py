@@ -8,8 +8,6 @@ from server.config import ServerConfig
 from server.engine import Engine
 from server.engine_client import EngineClient, FailureCallback
 
-ENGINES = ("ragserve", "vllm")
-
 
 def build_engine(config: ServerConfig, served_name: Callable[[], str],
                  on_failure: FailureCallback | None = None,
@@ -36,4 +34,4 @@ def _ragserve_engine(config: ServerConfig, served_name: Callable[[], str],
         return Engine.from_config(config.engine_config(), on_progress=client.report_load)
 
     client = AsyncEngine(build, observer=EngineMetrics(served_name), on_failure=on_failure)
-    return client
+    return client  # build() reads client: it runs later, on the engine thread
