@@ -74,31 +74,73 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (probs.transpose(-1, -2) @ v).reshape(B, H, 1, hd)
 
 
+def decode_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: torch.Tensor) -> torch.Tensor:
+    """The same as :func:`decode_attention` through ``scaled_dot_product_attention`` (one of
+    the candidates runtime.kernels times; slower on the CPUs measured so far, not on all)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+DECODE_ATTENTION = {"matmul": decode_attention, "sdpa": decode_attention_sdpa}
+
+
 def onednn_packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
                                                             "_reorder_linear_weight")
 
 
 class Linear(nn.Module):
-    """``y = x @ W.T`` (no bias). On CPU, :meth:`pack` reorders W once, at load time, into
-    oneDNN's blocked layout, which reads memory at ~85% of peak bandwidth in batch-1 decode
-    where ``F.linear`` reaches ~50% (BENCHMARKS.md, decode roofline)."""
+    """``y = x @ W.T`` (no bias), with the implementation chosen per phase (runtime.kernels).
+
+    On CPU, :meth:`set_kernels` can reorder W once, at load time, into oneDNN's blocked layout
+    (``packed``), which read memory at ~85% of peak bandwidth in batch-1 decode on one Zen 5
+    where ``F.linear`` reached ~50% (BENCHMARKS.md); which one wins differs by CPU and by M, so
+    the choice is timed. A decode call is ``[B, 1, D]`` (or ``[B, D]``, the LM head); anything
+    longer is a prefill.
+    """
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
+        self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.packed: torch.Tensor | None = None
+        self.packed_prefill = False
+        self.packed_decode = False
+        self.wid: int | None = None  # id inside compiled graphs (runtime.kernels)
 
     def pack(self) -> None:
-        """Replace the weight by its packed copy; the plain one is released (a tied embedding
+        """Use the packed weight for both phases; the plain one is released (a tied embedding
         keeps its own reference)."""
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
-        self.weight = None
+        self.set_kernels("packed", "packed")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+    def set_kernels(self, prefill: str, decode: str) -> None:
+        """``packed`` or ``plain`` for each phase; keeps only the copies some phase uses."""
+        want = {prefill, decode}
+        if "packed" in want and self.packed is None:
+            if self.weight is None:
+                raise RuntimeError("the plain weight was released; cannot pack again")
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
+        if "plain" in want and self.weight is None:
+            raise RuntimeError("the plain weight was released; cannot switch back to plain")
+        if "packed" not in want:
+            self.packed = None
+        if "plain" not in want:
+            self.weight = None
+        self.packed_prefill = prefill == "packed"
+        self.packed_decode = decode == "packed"
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The eager implementation chosen for ``x``'s phase."""
+        decode = x.dim() == 2 or x.shape[-2] == 1
+        if self.packed_decode if decode else self.packed_prefill:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return F.linear(x, self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wid is not None and torch.compiler.is_compiling():
+            return torch.ops.ragserve.linear(x, self.wid, self.out_features)
+        return self.run(x)
 
 
 class RMSNorm(nn.Module):
@@ -137,6 +179,7 @@ class Attention(nn.Module):
         self.wqkv = Linear(args.dim, qkv)  # q, k, v fused at load time
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
         self.cache: KVCache | None = None
+        self.decode_attention = decode_attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, slots: torch.Tensor, positions: torch.Tensor,
@@ -156,7 +199,7 @@ class Attention(nn.Module):
                                                enable_gqa=Hkv != H)  # [B, H, T, hd]
         else:  # the cache may hold a wider dtype than the weights (float32 on CPU)
             cache = self.cache
-            y = decode_attention(q.transpose(1, 2).to(cache.k.dtype), cache.k[:B, :, :ctx_len],
+            y = self.decode_attention(q.transpose(1, 2).to(cache.k.dtype), cache.k[:B, :, :ctx_len],
                                  cache.v[:B, :, :ctx_len], mask).to(x.dtype)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * hd))
 
@@ -207,19 +250,39 @@ class Llama(nn.Module):
             if isinstance(m, Linear) and m.packed is None:
                 m.pack()
 
+    def linears(self) -> list[Linear]:
+        return [m for m in self.modules() if isinstance(m, Linear)]
+
+    def set_kernels(self, prefill_linear: str, decode_linear: str,
+                    decode_attention: str) -> None:
+        """Apply a kernel choice (runtime.kernels.Kernels)."""
+        for m in self.linears():
+            m.set_kernels(prefill_linear, decode_linear)
+        for layer in self.layers:
+            layer.attention.decode_attention = DECODE_ATTENTION[decode_attention]
+
     def setup_caches(self, num_slots: int, max_len: int,
                      kv_dtype: torch.dtype | None = None) -> None:
-        """Allocate the KV cache (``kv_dtype``, default the weights') and rotary tables once."""
+        """Allocate the KV cache (``kv_dtype``, default the weights') and rotary tables once.
+
+        Positions run to ``max_len`` inclusive: position ``max_len`` (:attr:`spare_position`)
+        is one no sequence reaches, so a warm-up call on another thread may write there while
+        requests run (every sequence masks keys past its own position)."""
         w = self.tok_embeddings.weight
         a = self.args
         for layer in self.layers:
-            layer.attention.cache = KVCache(num_slots, a.n_kv_heads, max_len, a.head_dim,
+            layer.attention.cache = KVCache(num_slots, a.n_kv_heads, max_len + 1, a.head_dim,
                                             kv_dtype or w.dtype, w.device)
-        cos, sin = rope_tables(a, max_len)
+        cos, sin = rope_tables(a, max_len + 1)
         self.register_buffer("rope_cos", cos.to(w.device, w.dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(w.device, w.dtype), persistent=False)
-        self.register_buffer("key_pos", torch.arange(max_len, device=w.device), persistent=False)
+        self.register_buffer("key_pos", torch.arange(max_len + 1, device=w.device),
+                             persistent=False)
         self.num_slots, self.max_len = num_slots, max_len
+
+    @property
+    def spare_position(self) -> int:
+        return self.max_len
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 last_idx: torch.Tensor, ctx_len: int | None = None) -> torch.Tensor:

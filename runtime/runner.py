@@ -23,11 +23,26 @@ class BucketedBatch:
     last_token_id: torch.Tensor  # [B]
     rows: list[int]
 
+    @property
+    def num_computed_tokens(self) -> int:
+        """Tokens the backend computes for this batch, padding included."""
+        return self.input_ids.numel()
+
     @classmethod
-    def pack(cls, out: SchedulerOutput, scratch_slot: int) -> BucketedBatch:
+    def pack(cls, out: SchedulerOutput, scratch_slot: int, exact: bool = False) -> BucketedBatch:
         """Prefill: rows stacked, right-padded, padding rows in the scratch slot.
-        Decode: row i is slot i (transformers-neuronx's layout); free slots are padding."""
+        Decode: row i is slot i (transformers-neuronx's layout); free slots are padding.
+
+        ``exact``: for a backend without static graphs, the bucket's padding is left out: a
+        prefill pads only to its longest prompt (at least 2 tokens, which marks a prefill) with
+        no padding rows, and a decode has rows up to the highest running slot (the backend reads
+        the cache only to the longest live sequence)."""
         b = out.bucket
+        if exact:
+            longest = max(len(r.token_ids) for r in out.rows) if out.is_prefill else 1
+            rows = (len(out.rows) if out.is_prefill
+                    else max(r.slot for r in out.rows) + 1)
+            b = Bucket(b.phase, rows, max(2, longest) if out.is_prefill else b.seq_len)
         if out.is_prefill:
             ids = [list(r.token_ids) + [0] * (b.seq_len - len(r.token_ids)) for r in out.rows]
             ids += [[0] * b.seq_len] * (b.batch_size - len(out.rows))
@@ -72,7 +87,8 @@ class ModelRunner:
             self.states[new.request_id] = RequestState.create(
                 new.sampling_params, new.prompt_token_ids, self.backend.device
             )
-        batch = BucketedBatch.pack(out, self.backend.scratch_slot)
+        exact = not self.backend.pads_to_buckets
+        batch = BucketedBatch.pack(out, self.backend.scratch_slot, exact)
         logits = self.backend.forward(
             batch.input_ids, batch.cache_ids, batch.start_ids, batch.last_token_id
         )
@@ -86,4 +102,5 @@ class ModelRunner:
             request_ids=[r.request_id for r in out.rows],
             sampled_token_ids=sampled.token_ids,
             logprobs=sampled.logprobs,
+            num_computed_tokens=batch.num_computed_tokens,
         )

@@ -77,6 +77,7 @@ class ModelRunnerOutput:
     request_ids: list[str]
     sampled_token_ids: list[int]
     logprobs: list[TokenLogprobs | None] | None = None
+    num_computed_tokens: int | None = None  # padding included; None: the bucket's shape
 
 
 @dataclass(frozen=True)

@@ -224,7 +224,7 @@ class Scheduler:
                     logprobs=(lp,) if lp is not None else (),
                 )
             )
-        self._record(out, generated=len(out.rows))
+        self._record(out, generated=len(out.rows), computed=result.num_computed_tokens)
         return steps
 
     def fail_step(self, out: SchedulerOutput) -> list[StepOutput]:
@@ -260,7 +260,8 @@ class Scheduler:
 
     # -- statistics ----------------------------------------------------------------------
 
-    def _record(self, out: SchedulerOutput, generated: int) -> None:
+    def _record(self, out: SchedulerOutput, generated: int, computed: int | None = None) -> None:
+        """``computed``: the tokens the backend ran, padding included (None: the bucket's)."""
         self.last_iteration = IterationStats(
             phase=out.phase,
             bucket=str(out.bucket),
@@ -268,7 +269,8 @@ class Scheduler:
             num_rows=len(out.rows),
             num_prompt_tokens=out.num_tokens if out.is_prefill else 0,
             num_generation_tokens=generated,
-            num_padding_tokens=out.padding_tokens,
+            num_padding_tokens=(out.padding_tokens if computed is None
+                                else computed - out.num_tokens),
         )
 
     def stats(self) -> SchedulerStats:

@@ -201,6 +201,7 @@ class AsyncEngine:
         self._publish_scheduler()
         self.state = EngineState.READY
         log.info("engine ready in %.1fs", self.load_seconds)
+        self.engine.start_background_compile()  # serves eagerly meanwhile
         while not self._stop.is_set():
             self._apply_commands()
             if not self.engine.has_unfinished():

@@ -32,7 +32,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="prefill lengths, e.g. 128,256,512 (default: three per octave)")
     p.add_argument("--token-generation-buckets", type=bucket_list, default=None,
                    help="decode context lengths (default: powers of two up to max-model-len)")
-    p.add_argument("--compile", action="store_true", help="torch.compile one graph per bucket")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile one static graph per bucket (as on Neuron)")
+    p.add_argument("--kernels", default="auto",
+                   help="auto, or KEY=VALUE items: linear=packed|plain, attention=matmul|sdpa, "
+                        "step=eager|compiled")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file")
     p.add_argument("--cache-dir", type=Path, default=None)
 
@@ -47,7 +51,8 @@ def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         context_encoding_buckets=args.context_encoding_buckets,
         token_generation_buckets=args.token_generation_buckets,
-        compile=args.compile, chat_template=template, cache_dir=args.cache_dir,
+        compile=args.compile, kernels=args.kernels, chat_template=template,
+        cache_dir=args.cache_dir,
     )
     fields.update(overrides)
     return EngineConfig(**fields)

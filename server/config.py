@@ -89,6 +89,7 @@ class ServerConfig:
     max_request_bytes: int = 4 * 2**20
     shutdown_grace_seconds: float = 30.0
     compile: bool = False
+    kernels: str = "auto"
     cache_dir: Path | None = None
     log_level: str = "info"
     index: Path | None = None
@@ -114,6 +115,15 @@ class ServerConfig:
                  "--engine vllm shards on GPUs)")
         _require(self.device in DEVICES, "--device", f"must be one of {DEVICES}")
         self._check_engine_flags()
+        try:
+            from runtime.kernels import parse_kernels
+
+            parse_kernels(self.kernels)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _require(self.kernels in ("", "auto") or self.device != "neuron", "--kernels",
+                 "applies to the PyTorch backend (cpu, cuda); on Neuron the graphs are "
+                 "neuronx-cc's")
         _require(self.api_key is None or self.api_key != "", "--api-key", "must not be empty")
         _require(self.max_queue_len >= 1, "--max-queue-len",
                  f"must be >= 1, got {self.max_queue_len}")
@@ -141,6 +151,8 @@ class ServerConfig:
         if self.engine != "vllm":
             _require(not self.vllm_args, "--vllm-arg", "applies to --engine vllm only")
             return
+        _require(self.kernels in ("", "auto"), "--kernels",
+                 "applies to --engine ragserve only (vLLM picks its own kernels)")
         _require(not self.compile, "--compile",
                  "applies to --engine ragserve only (vLLM compiles its own graphs; see "
                  "--vllm-arg compilation_config=... or enforce_eager=true)")
@@ -169,7 +181,8 @@ class ServerConfig:
             max_num_seqs=self.max_num_seqs,
             context_encoding_buckets=self.context_encoding_buckets,
             token_generation_buckets=self.token_generation_buckets,
-            compile=self.compile, chat_template=self.chat_template_text(),
+            compile=self.compile, kernels=self.kernels,
+            chat_template=self.chat_template_text(),
             cache_dir=self.cache_dir, tp_degree=self.tensor_parallel_size,
         )
 
@@ -224,7 +237,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-grace-seconds", type=float, default=d.shutdown_grace_seconds,
                    help="on SIGTERM, how long in-flight requests may take to finish")
     p.add_argument("--compile", type=_bool, nargs="?", const=True, default=d.compile,
-                   help="torch.compile one graph per bucket")
+                   help="torch.compile one static graph per bucket (as on Neuron)")
+    p.add_argument("--kernels", default=d.kernels,
+                   help="auto (time the candidates on this machine, cached per CPU), or "
+                        "KEY=VALUE items pinning some: linear=packed|plain, "
+                        "attention=matmul|sdpa, step=eager|compiled (docs/performance.md)")
     p.add_argument("--cache-dir", type=Path, default=d.cache_dir)
     p.add_argument("--log-level", default=d.log_level)
     r = p.add_argument_group("retrieval-augmented generation")

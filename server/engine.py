@@ -41,6 +41,7 @@ class EngineConfig:
     max_prefill_batch: int = 4
     max_prefill_streak: int = 1
     compile: bool = False
+    kernels: str = "auto"  # runtime.kernels: auto, or KEY=VALUE items pinning choices
     warmup: bool = True
     chat_template: str | None = None
     cache_dir: Path | None = None
@@ -103,7 +104,8 @@ class Engine:
         kv_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, torch.device(cfg.device),
                                           loaded.model.tok_embeddings.weight.dtype)
         backend = TorchBackend(loaded.model, buckets, compile=cfg.compile,
-                               kv_cache_dtype=kv_dtype)
+                               kv_cache_dtype=kv_dtype, kernels=cfg.kernels,
+                               cache_dir=cfg.cache_dir)
         if cfg.warmup:
             backend.warmup()
         scheduler = Scheduler(buckets, loaded.eos_token_ids, cfg.max_prefill_streak)
@@ -125,6 +127,9 @@ class Engine:
         )
         from runtime.runner import ModelRunner
 
+        if cfg.kernels not in ("", "auto"):
+            raise ValueError("--kernels applies to the PyTorch backend (cpu, cuda); on Neuron "
+                             "the compiled graphs are neuronx-cc's")
         resolved = resolve_model(cfg.model, cfg.cache_dir)
         hf = read_config(resolved.path)
         buckets = build_buckets(cfg, int(hf.get("max_position_embeddings", DEFAULT_MAX_MODEL_LEN)))
@@ -165,6 +170,13 @@ class Engine:
         self.scheduler.add_request(GenerationRequest(rid, tuple(ids), params, arrival))
         self.output.add(rid, ids, params)
         return rid
+
+    def start_background_compile(self) -> None:
+        """Let a PyTorch backend build and time its compiled decode step on a background
+        thread while this engine serves (runtime.kernels); a no-op for other backends."""
+        start = getattr(self.runner.backend, "start_background_compile", None)
+        if start is not None:
+            start()
 
     def abort(self, request_id: str) -> None:
         self.scheduler.abort_request(request_id)

@@ -23,11 +23,11 @@ ENGINES = tuple(e for e in os.environ.get("RAGSERVE_TEST_ENGINES", "ragserve").s
 
 
 def engine_flags(engine: str) -> list[str]:
-    """``ragserve serve`` flags that select ``engine`` for a test server. vLLM runs eager (no
-    torch.compile: it starts in seconds on a small CPU)."""
+    """``ragserve serve`` flags that select ``engine`` for a test server. Both run eager (no
+    torch.compile: they start in seconds on a small CPU)."""
     if engine == "vllm":
         return ["--engine", "vllm", "--vllm-arg", "enforce_eager=true"]
-    return []
+    return ["--kernels", "step=eager"]  # no background compile in a short-lived test server
 
 
 def free_port() -> int:

@@ -30,11 +30,22 @@ def hf_model(tiny_llama_dir: Path):
     return LlamaForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_llama_dir: Path) -> Engine:
+#: Every selectable implementation runs the whole module (runtime.kernels): whichever this
+#: machine would pick, each must stay token-identical to Hugging Face.
+KERNELS = [
+    "linear=packed,attention=matmul,step=eager",
+    "linear=plain,attention=sdpa,step=eager",
+    "prefill_linear=plain,decode_linear=packed,attention=sdpa,step=compiled",
+    "linear=plain,attention=matmul,step=compiled",
+]
+
+
+@pytest.fixture(scope="module", params=KERNELS)
+def engine(tiny_llama_dir: Path, request) -> Engine:
     return Engine.from_config(EngineConfig(
         model=str(tiny_llama_dir), dtype="float32", max_model_len=256, max_num_seqs=4,
         context_encoding_buckets=CE_BUCKETS, token_generation_buckets=TG_BUCKETS,
+        kernels=request.param,
     ))
 
 
@@ -163,7 +174,19 @@ def test_prompt_too_long_is_rejected_with_the_limit(engine: Engine):
     assert not engine.has_unfinished()
 
 
-def test_warmup_prepared_every_bucket(engine: Engine):
+def test_the_pinned_kernels_are_the_ones_that_ran(engine: Engine):
+    from runtime.kernels import Kernels, parse_kernels
+
     backend = engine.runner.backend
-    assert set(backend.graphs) == set(backend.buckets.all_buckets())
-    assert len(backend.graphs) == 21
+    spec = KERNELS[[Kernels(**parse_kernels(k)) for k in KERNELS].index(backend.kernels)]
+    assert backend.kernels == Kernels(**parse_kernels(spec))
+    assert backend.step_settled.is_set() and not backend.step_pending
+    assert (backend._decode_compiled is not None) == (backend.kernels.decode_step == "compiled")
+    assert backend.graphs == {} and not backend.pads_to_buckets  # exact shapes, no bucket graphs
+    if backend.kernels.decode_step == "compiled":  # the warm-up covered every decode shape
+        with torch.inference_mode(), torch.compiler.set_stance("fail_on_recompile"):
+            for rows, ctx in [(1, 2), (1, 255), (2, 33), (4, 256), (3, 100)]:
+                backend._spare_decode(backend.compiled_decode, rows, ctx)
+    linear = engine.runner.backend.model.layers[0].feed_forward.w13
+    assert (linear.packed is not None) == ("packed" in spec)
+    assert (linear.weight is not None) == ("plain" in spec)

@@ -49,6 +49,7 @@ class ScriptedBackend:
         self.device = torch.device("cpu")
         self.vocab_size = vocab_size
         self.scratch_slot = buckets.max_num_seqs
+        self.pads_to_buckets = True
         self.script: list[int] = []
         self.prompt_len: dict[int, int] = {}
 

@@ -22,7 +22,8 @@ POISON = 128255  # a prompt containing this token makes the (wrapped) runner fai
 def tiny_engine_config(model: Path) -> EngineConfig:
     return EngineConfig(model=str(model), dtype="float32", max_model_len=256, max_num_seqs=4,
                         context_encoding_buckets=(16, 32, 64, 128),
-                        token_generation_buckets=(32, 64, 128, 256), warmup=False)
+                        token_generation_buckets=(32, 64, 128, 256), warmup=False,
+                        kernels="step=eager")
 
 
 def test_503_with_retry_after_until_loaded(tiny_llama_dir: Path):

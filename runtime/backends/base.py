@@ -28,6 +28,10 @@ class Backend(Protocol):
     device: torch.device
     vocab_size: int
     scratch_slot: int  # where prefill batch-padding rows write their (discarded) KV
+    # True: every call is padded to one of the buckets' static shapes (Neuron, torch.compile per
+    # bucket); False: calls run at their exact shapes (eager PyTorch), so the runner leaves the
+    # bucket padding out
+    pads_to_buckets: bool
 
     def forward(
         self,

@@ -349,6 +349,7 @@ class NeuronBackend:
         self.device = torch.device("cpu")  # transformers-neuronx takes and returns host tensors
         self.vocab_size = vocab_size
         self.scratch_slot = buckets.max_num_seqs
+        self.pads_to_buckets = True  # one compiled graph per bucket
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache_ids: torch.Tensor,

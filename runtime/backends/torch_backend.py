@@ -1,20 +1,32 @@
-"""The PyTorch backend (CPU, and CUDA when present): one prepared graph per bucket.
+"""The PyTorch backend (CPU, and CUDA when present).
 
-Eager by default; ``compile=True`` wraps each bucket's call in its own ``torch.compile`` with
-static shapes, the CPU/CUDA analogue of one neuronx-cc graph per bucket.
+Two ways to run, chosen by ``compile``:
+
+- ``compile=False`` (the default): calls run at their exact shapes. A decode reads the cache up
+  to the longest live sequence, a prefill pads only to the longest prompt in its batch: bucket
+  padding buys nothing without static graphs. Each shape class runs the implementation timed
+  fastest on this machine (runtime.kernels), and the decode step may switch to a
+  ``torch.compile`` graph with dynamic shapes, compiled on a background thread while eager
+  serves.
+- ``compile=True``: one static-shape ``torch.compile`` graph per bucket, every call padded to
+  its bucket: the CPU/CUDA analogue of one neuronx-cc graph per bucket (for checking that
+  path, and for devices where static graphs pay).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from bucketing import DECODE, PREFILL, Bucket, BucketConfig, select
+from runtime import kernels as K
 from runtime.model import Llama
 
 log = logging.getLogger(__name__)
@@ -22,28 +34,254 @@ log = logging.getLogger(__name__)
 
 class TorchBackend:
     def __init__(self, model: Llama, buckets: BucketConfig, *, compile: bool = False,
-                 kv_cache_dtype: torch.dtype | None = None) -> None:
+                 kv_cache_dtype: torch.dtype | None = None, kernels: str = "auto",
+                 cache_dir: Path | None = None) -> None:
         if buckets.context_encoding_buckets[0] < 2:
             raise ValueError("context_encoding_buckets must be >= 2 (a 1-token graph is decode)")
         self.model = model
         self.buckets = buckets
         self.compile = compile
+        self.pads_to_buckets = compile
         self.device = model.tok_embeddings.weight.device
         self.vocab_size = model.args.vocab_size
         self.scratch_slot = buckets.max_num_seqs  # one slot past the real ones
-        if not compile:  # inductor packs weights itself (and cannot trace opaque ones)
-            model.pack_weights()
+        self.cache_dir = cache_dir
+        self.pinned = K.parse_kernels(kernels)
+        K.check_pinned(self.pinned, self.device)
         model.setup_caches(buckets.max_num_seqs + 1, buckets.max_model_len, kv_cache_dtype)
-        self.graphs: dict[Bucket, Callable[..., torch.Tensor]] = {
-            b: self._prepare(b) for b in buckets.all_buckets()
-        }
+        self.timings: dict[str, dict[str, float]] = {}
+        self._decode_compiled: Callable[..., torch.Tensor] | None = None
+        self.compiled_decode: Callable[..., torch.Tensor] | None = None  # built, maybe unused
+        self._step_thread: threading.Thread | None = None
+        self._cache_file: Path | None = None
+        self.step_pending = False  # a compiled decode step is still to be built and timed
+        self.step_settled = threading.Event()  # the decode step's choice is final
+        if compile:
+            if self.pinned.get("decode_step") == "compiled" or "packed" in self.pinned.values():
+                raise ValueError("--compile builds static per-bucket graphs of plain linears; "
+                                 "--kernels step=compiled and linear=packed apply without it")
+            # inductor packs weights itself (and cannot trace opaque ones)
+            self.kernels = K.merge(K.Kernels(), self.pinned)
+        else:
+            self.kernels = self._choose_kernels()
+        model.set_kernels(self.kernels.prefill_linear, self.kernels.decode_linear,
+                          self.kernels.decode_attention)
+        if not self.step_pending:
+            self.step_settled.set()
+        self.graphs: dict[Bucket, Callable[..., torch.Tensor]] = (
+            {b: self._prepare(b) for b in buckets.all_buckets()} if compile else {})
+        log.info("kernels: %s%s", self.kernels,
+                 " (static per-bucket graphs)" if compile else
+                 " (a compiled decode step is still to be built and timed)"
+                 if self.step_pending else "")
+
+    # -- kernel choice -------------------------------------------------------------------
+
+    def _cache_key(self) -> dict:
+        b = self.buckets
+        return K.cache_key(self.model, device=self.device, kv_dtype=self._kv_dtype(),
+                           max_num_seqs=b.max_num_seqs, max_model_len=b.max_model_len)
+
+    def _kv_dtype(self) -> torch.dtype:
+        return self.model.layers[0].attention.cache.k.dtype
+
+    def _choose_kernels(self) -> K.Kernels:
+        """Pinned choices, else cached ones, else timed here: linear and attention now, the
+        decode step once its graph is compiled (until then it is ``eager`` with
+        :attr:`step_pending` set; :meth:`start_background_compile` settles it)."""
+        from runtime.loader import default_cache_dir
+
+        can = K.available(self.device)
+        self._cache_file = K.cache_path(self.cache_dir or default_cache_dir(),
+                                        self._cache_key())
+        cached, timings = K.load_cached(self._cache_file, self._cache_key())
+        self.timings = dict(timings)
+        choices = {k: v[0] for k, v in can.items()}
+        choices.update({k: v for k, v in cached.items() if v in can[k]})
+        todo = [k for k in ("prefill_linear", "decode_linear", "decode_attention")
+                if k not in self.pinned and k not in cached and len(can[k]) > 1]
+        if todo:
+            t = time.perf_counter()
+            if "decode_linear" in todo or "prefill_linear" in todo:
+                for phase in ("prefill", "decode"):
+                    self.timings[f"{phase}_linear"] = self._time_linear(phase)
+                    choices[f"{phase}_linear"] = K.fastest(self.timings[f"{phase}_linear"])
+            if "decode_attention" in todo:
+                self.timings["decode_attention"] = self._time_attention()
+                choices["decode_attention"] = K.fastest(self.timings["decode_attention"])
+            log.info("timed kernels in %.1fs: %s", time.perf_counter() - t,
+                     {k: {c: round(s * 1e3, 3) for c, s in v.items()}
+                      for k, v in self.timings.items()})
+        choices.update(self.pinned)
+        undecided = "decode_step" not in self.pinned and "decode_step" not in cached
+        self.step_pending = choices["decode_step"] == "compiled" or (
+            undecided and "compiled" in can["decode_step"])
+        choices["decode_step"] = "eager"  # until the compiled one is built (and wins)
+        if todo:
+            self._save({k: v for k, v in choices.items() if k != "decode_step"})
+        return K.merge(K.Kernels(), choices)
+
+    def _save(self, choices: dict[str, str]) -> None:
+        K.save_cached(self._cache_file, self._cache_key(), choices, self.timings)
+
+    def _tuning_linears(self, budget_bytes: int) -> list:
+        """The first layers' linears up to ``budget_bytes`` of weights (past the CPU caches, so
+        a GEMV streams from memory as in serving), at least one layer's."""
+        chosen, total = [], 0
+        for layer in self.model.layers:
+            mods = [layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13,
+                    layer.feed_forward.w2]
+            chosen += mods
+            total += sum(m.weight.numel() * m.weight.element_size() for m in mods)
+            if total >= budget_bytes:
+                break
+        return chosen
+
+    def _time_linear(self, phase: str) -> dict[str, float]:
+        """Seconds per pass over the tuning linears, summed over the phase's row counts."""
+        b = self.buckets
+        if phase == "decode":  # [M, 1, in]: decode calls, weights streamed from memory
+            mods = self._tuning_linears(128 * 2**20)
+            shapes = [(m, 1) for m in sorted({1, b.max_num_seqs})]
+        else:  # one prompt of a mid-sized bucket, one layer (compute-bound)
+            mods = self._tuning_linears(1)
+            shapes = [(1, select(b.context_encoding_buckets,
+                                 min(256, b.context_encoding_buckets[-1])))]
+        w = [m.weight.detach() for m in mods]
+        packed = [torch.ops.mkldnn._reorder_linear_weight(x, 1) for x in w]
+        total = {"packed": 0.0, "plain": 0.0}
+        with torch.inference_mode():
+            for shape in shapes:
+                xs = [torch.randn(*shape, x.shape[1], dtype=x.dtype, device=self.device)
+                      for x in w]
+                times = K.time_calls({"packed": functools.partial(_packed_linears, xs, packed),
+                                      "plain": functools.partial(_plain_linears, xs, w)}, reps=5)
+                for k, v in times.items():
+                    total[k] += v
+        return total
+
+    def _time_attention(self) -> dict[str, float]:
+        """Seconds for every layer's decode attention at 1 and ``max_num_seqs`` rows over a
+        mid-sized context."""
+        from runtime.model import DECODE_ATTENTION
+
+        a, b = self.model.args, self.buckets
+        ctx = min(b.max_model_len, 512)
+        caches = [layer.attention.cache for layer in self.model.layers]
+        total = {k: 0.0 for k in DECODE_ATTENTION}
+        with torch.inference_mode():
+            for rows in sorted({1, b.max_num_seqs}):
+                q = torch.randn(rows, a.n_heads, 1, a.head_dim, dtype=self._kv_dtype(),
+                                device=self.device)
+                mask = torch.ones(rows, 1, 1, ctx, dtype=torch.bool, device=self.device)
+                kv = [(c.k[:rows, :, :ctx], c.v[:rows, :, :ctx]) for c in caches]
+                times = K.time_calls({name: functools.partial(_attention, fn, q, kv, mask)
+                                      for name, fn in DECODE_ATTENTION.items()}, reps=5)
+                for k, v in times.items():
+                    total[k] += v
+        return total
+
+    # -- the compiled decode step --------------------------------------------------------
+
+    def _spare_decode(self, fn: Callable[..., torch.Tensor], rows: int, ctx: int) -> None:
+        """A decode call that writes only at the spare cache position (safe while requests
+        run on another thread)."""
+        dev = self.device
+        ids = torch.zeros(rows, 1, dtype=torch.long, device=dev)
+        pos = torch.full((rows, 1), self.model.spare_position, device=dev)
+        fn(ids, pos, torch.arange(rows, device=dev), torch.zeros(rows, dtype=torch.long,
+                                                                   device=dev), ctx_len=ctx)
+
+    def _compile_decode(self) -> Callable[..., torch.Tensor]:
+        """The decode forward under ``torch.compile(dynamic=True)``, warmed for batch 1 and for
+        batch >= 2 (size 1 is specialized)."""
+        from runtime.loader import default_cache_dir
+
+        K.inductor_cache_dir(self.cache_dir or default_cache_dir())
+        K.register_ops()
+        for m in self.model.linears():
+            if m.wid is None:
+                m.wid = K.register_linear(m)
+        fn = torch.compile(self.model, dynamic=True)
+        t = time.perf_counter()
+        ctx = min(self.buckets.max_model_len, 256)
+        with torch.inference_mode():
+            for rows in (2, 1, 3):
+                self._spare_decode(fn, rows, ctx)
+                self._spare_decode(fn, rows, ctx + 1)
+        log.info("compiled the decode step (dynamic shapes) in %.1fs", time.perf_counter() - t)
+        return fn
+
+    def _time_step(self, compiled: Callable[..., torch.Tensor]) -> dict[str, float]:
+        b = self.buckets
+        ctx = min(b.max_model_len, 512)
+        total = {"eager": 0.0, "compiled": 0.0}
+        with torch.inference_mode():
+            for rows in sorted({1, b.max_num_seqs}):
+                times = K.time_calls({
+                    "eager": functools.partial(self._spare_decode, self.model, rows, ctx),
+                    "compiled": functools.partial(self._spare_decode, self._stance(compiled),
+                                                  rows, ctx),
+                }, reps=5)
+                for k, v in times.items():
+                    total[k] += v
+        return total
+
+    @staticmethod
+    def _stance(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``fn`` that runs eagerly rather than recompile (no compile stall while serving)."""
+        def call(*args, **kwargs):
+            with torch.compiler.set_stance("eager_on_recompile"):
+                return fn(*args, **kwargs)
+        return call
+
+    def _settle_step(self) -> None:
+        """Compile the decode step, time it against eager unless pinned or cached, use the
+        faster; any failure leaves eager in place (logged)."""
+        try:
+            compiled = self._compile_decode()
+            settled = "decode_step" in self.pinned or "decode_step" in K.load_cached(
+                self._cache_file, self._cache_key())[0]
+            if settled:
+                self.kernels = K.merge(self.kernels, {"decode_step": "compiled"})
+            else:
+                self.timings["decode_step"] = self._time_step(compiled)
+                choice = K.fastest(self.timings["decode_step"])
+                self.kernels = K.merge(self.kernels, {"decode_step": choice})
+                self._save({k: getattr(self.kernels, k) for k in K.CHOICES})
+                log.info("decode step: eager %.1f ms, compiled %.1f ms -> %s",
+                         self.timings["decode_step"]["eager"] * 1e3,
+                         self.timings["decode_step"]["compiled"] * 1e3, choice)
+            self.compiled_decode = compiled
+            if self.kernels.decode_step == "compiled":
+                self._decode_compiled = self._stance(compiled)
+        except Exception as e:  # a missing C++ compiler must not stop serving
+            if self.pinned.get("decode_step") == "compiled":
+                raise
+            log.warning("the compiled decode step is unavailable (%s: %s); decode stays eager",
+                        type(e).__name__, e)
+            self.kernels = K.merge(self.kernels, {"decode_step": "eager"})
+        finally:
+            self.step_pending = False
+            self.step_settled.set()
+        log.info("kernels: %s", self.kernels)
+
+    def start_background_compile(self) -> None:
+        """Settle the decode step on a background thread while eager serves (a no-op when it
+        is settled already)."""
+        if self.step_settled.is_set() or self._step_thread is not None:
+            return
+
+        self._step_thread = threading.Thread(target=self._settle_step, name="ragserve-compile",
+                                             daemon=True)
+        self._step_thread.start()
+
+    # -- running -------------------------------------------------------------------------
 
     def _prepare(self, bucket: Bucket) -> Callable[..., torch.Tensor]:
         ctx_len = None if bucket.phase == PREFILL else bucket.seq_len
-        fn = functools.partial(self.model, ctx_len=ctx_len)
-        if self.compile:
-            return torch.compile(fn, dynamic=False, fullgraph=True)
-        return fn
+        return torch.compile(functools.partial(self.model, ctx_len=ctx_len), dynamic=False,
+                             fullgraph=True)
 
     def bucket_for(self, input_ids: torch.Tensor, cache_ids: torch.Tensor) -> Bucket:
         """The graph these padded tensors run in (as transformers-neuronx picks it)."""
@@ -62,19 +300,35 @@ class TorchBackend:
         start_ids: torch.Tensor,
         last_token_id: torch.Tensor,
     ) -> torch.Tensor:
-        bucket = self.bucket_for(input_ids, cache_ids)
-        graph = self.graphs.get(bucket)
-        if graph is None:
-            raise ValueError(f"no graph was prepared for bucket {bucket}")
         dev = self.device
-        return graph(input_ids.to(dev), cache_ids.to(dev), start_ids.to(dev),
-                     last_token_id.to(dev))
+        args = (input_ids.to(dev), cache_ids.to(dev), start_ids.to(dev), last_token_id.to(dev))
+        if self.compile:
+            bucket = self.bucket_for(input_ids, cache_ids)
+            graph = self.graphs.get(bucket)
+            if graph is None:
+                raise ValueError(f"no graph was prepared for bucket {bucket}")
+            return graph(*args)
+        if input_ids.shape[1] > 1:
+            return self.model(*args)
+        if self.step_pending and self.pinned.get("decode_step") == "compiled":
+            self._settle_step()  # pinned but not warmed up: compile now, once
+        ctx = int(cache_ids.max()) + 1  # the live context, not a bucket
+        if ctx > self.buckets.max_model_len:
+            raise ValueError(f"context length {ctx} exceeds max_model_len "
+                             f"({self.buckets.max_model_len})")
+        step = self._decode_compiled or self.model
+        return step(*args, ctx_len=ctx)
 
     def warmup(self) -> None:
-        """Run every bucket once (compiling it when ``compile``); logs the time taken."""
+        """Make sure no request meets a compile stall. Static graphs: run every bucket once
+        (compiling it). Exact shapes: one small prefill and decode (library start-up), and the
+        compiled decode step when it is pinned (otherwise it settles in the background)."""
         t0 = time.perf_counter()
-        buckets = self.buckets.all_buckets()
-        for b in tqdm(buckets, desc="warming up bucket graphs", unit="graph", leave=False):
+        buckets = self.buckets.all_buckets() if self.compile else [
+            Bucket(PREFILL, 1, self.buckets.context_encoding_buckets[0]),
+            Bucket(DECODE, 1, self.buckets.token_generation_buckets[0])]
+        for b in tqdm(buckets, desc="warming up bucket graphs", unit="graph", leave=False,
+                      disable=not self.compile):
             rows = torch.zeros(b.batch_size, dtype=torch.long)
             if b.phase == PREFILL:
                 ids = torch.zeros(b.batch_size, b.seq_len, dtype=torch.long)
@@ -86,5 +340,23 @@ class TorchBackend:
                 pos[0, 0] = b.seq_len - 1  # select this context bucket
                 slots = torch.arange(b.batch_size)
             self.forward(ids, pos, slots, rows)
-        log.info("warmed up %d bucket graphs in %.1fs%s", len(buckets),
-                 time.perf_counter() - t0, " (torch.compile)" if self.compile else "")
+        if self.step_pending and self.pinned.get("decode_step") == "compiled":
+            self._settle_step()
+        log.info("warmed up %d graphs in %.1fs%s", len(buckets), time.perf_counter() - t0,
+                 " (torch.compile, one per bucket)" if self.compile else "")
+
+
+def _packed_linears(xs: list[torch.Tensor], packed: list[torch.Tensor]) -> None:
+    for x, p in zip(xs, packed):
+        torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+
+
+def _plain_linears(xs: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
+    for x, w in zip(xs, weights):
+        torch.nn.functional.linear(x, w)
+
+
+def _attention(fn: Callable[..., torch.Tensor], q: torch.Tensor,
+               kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+    for k, v in kv:
+        fn(q, k, v, mask)
