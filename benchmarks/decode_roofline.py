@@ -12,6 +12,10 @@ neighbours on a shared machine, and reports medians:
 - ``fraction``: decode_tok_s / roofline_tok_s (goal >= 0.7).
 
     python -m benchmarks.decode_roofline [--quick] [--dtype auto|float32|bfloat16]
+                                         [--kernels auto|KEY=VALUE,...]
+
+The engine's kernels are chosen as the server chooses them (``--kernels auto``: timed on this
+machine, the compiled decode step built and timed before the rounds start) and reported.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def bytes_per_token(model: torch.nn.Module, context: int) -> int:
     total = 0
     for m in model.modules():
         if isinstance(m, Linear):
-            w = m.packed if m.packed is not None else m.weight
+            w = m.packed if m.packed_decode else m.weight  # what a decode reads
             total += w.numel() * w.element_size()
     a = model.args
     emb = model.tok_embeddings.weight
@@ -57,14 +61,17 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--tokens", type=int, default=None, help="decode tokens per round")
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--kernels", default="auto")
     args = p.parse_args()
     rounds = args.rounds or (3 if args.quick else 7)
     n_tokens = args.tokens or (48 if args.quick else 96)
 
     engine = Engine.from_config(EngineConfig(model=args.model, dtype=args.dtype,
                                              device=args.device, max_model_len=512,
-                                             max_num_seqs=1))
+                                             max_num_seqs=1, kernels=args.kernels))
     backend = engine.runner.backend
+    engine.start_background_compile()
+    backend.step_settled.wait()
     model = backend.model
     buf = torch.rand(256 * 2**20)  # 1 GiB float32, random
     params = SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True)
@@ -99,6 +106,9 @@ def main() -> None:
         "roofline_tok_s": roofline,
         "fraction": decode / roofline,
         "forward_fraction": median(forward_rates) / roofline,
+        "kernels": str(backend.kernels),
+        "kernel_timings_ms": {k: {c: round(s * 1e3, 3) for c, s in v.items()}
+                              for k, v in backend.timings.items()},
         "rounds": rounds,
         "tokens_per_round": n_tokens,
     }

@@ -8,6 +8,9 @@ extension ragserve also takes). Reports requests/s, output tokens/s, TTFT and TP
 percentiles, errors, and the cost of a million output tokens at ``--price-per-hour`` (default:
 inf2.xlarge on-demand, us-east-1).
 
+TTFT and TPOT are timed as ``vllm bench serve`` times them: TTFT to the first event carrying
+``choices`` (a RAG ``sources`` event has none), TPOT = (last such event - TTFT) / (tokens - 1).
+
     python -m benchmarks.serve_load --url http://127.0.0.1:8000 --concurrency 16 --requests 64
 """
 
@@ -53,13 +56,13 @@ async def one(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: i
         extra_body={"ignore_eos": True})
     async for chunk in stream:
         now = time.perf_counter()
-        if chunk.choices and chunk.choices[0].delta.content:
+        if chunk.choices:  # as vllm bench serve: any chunk with choices (the role one too)
             first = first or now
             last = now
         if chunk.usage is not None:
             n_out = chunk.usage.completion_tokens
     if first is None:
-        raise RuntimeError("no content streamed")
+        raise RuntimeError("no choices streamed")
     tpot = (last - first) / (n_out - 1) if n_out > 1 else None
     return Sample(first - t0, tpot, last - t0, n_out)
 
@@ -83,13 +86,13 @@ async def one_raw(client: httpx.AsyncClient, model: str, prompt: str,
             if "error" in event:
                 raise RuntimeError(event["error"].get("message"))
             choices = event.get("choices") or []
-            if choices and (choices[0].get("delta") or {}).get("content"):
+            if choices:
                 first = first or now
                 last = now
             if event.get("usage"):
                 n_out = event["usage"]["completion_tokens"]
     if first is None:
-        raise RuntimeError("no content streamed")
+        raise RuntimeError("no choices streamed")
     tpot = (last - first) / (n_out - 1) if n_out > 1 else None
     return Sample(first - t0, tpot, last - t0, n_out)
 
