@@ -84,10 +84,10 @@ def main() -> None:
         engine_rates.append((len(stamps) - 2) / (stamps[-1] - stamps[1]))
         ids = torch.zeros(1, 1, dtype=torch.long)
         pos = torch.full((1, 1), len(prompt_ids) + n_tokens // 2)
-        zero = torch.zeros(1, dtype=torch.long)
+        slot, last = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
         t = time.perf_counter()
         for _ in range(n_tokens):
-            backend.forward(ids, pos, zero, zero)
+            backend.forward(ids, pos, slot, last)
         forward_rates.append(n_tokens / (time.perf_counter() - t))
         bw += [read_bandwidth(buf) for _ in range(3)]
 
