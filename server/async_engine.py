@@ -10,6 +10,7 @@ disconnected client's slot is free for the very next step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -65,6 +66,9 @@ class EngineObserver(Protocol):
     def on_step(self, stats: StepStats) -> None: ...
 
     def on_finished(self, stats: FinishedRequestStats) -> None: ...
+
+    def on_kernels(self, kernels: dict[str, str], pending: bool) -> None:
+        """The implementation per shape class, and whether one is still being built."""
 
     def render(self) -> bytes:
         """The observed series in Prometheus' text format."""
@@ -202,7 +206,9 @@ class AsyncEngine:
         self.state = EngineState.READY
         log.info("engine ready in %.1fs", self.load_seconds)
         self.engine.start_background_compile()  # serves eagerly meanwhile
+        self._kernels_seen: tuple | None = None
         while not self._stop.is_set():
+            self._publish_kernels()
             self._apply_commands()
             if not self.engine.has_unfinished():
                 self._wake.wait(0.5)
@@ -215,11 +221,11 @@ class AsyncEngine:
         """The factory's progress callback: what the load is doing and how far (0..1)."""
         self.load_status, self.load_progress = status, fraction
 
-    def _notify(self, event: str, stats: object) -> None:
+    def _notify(self, event: str, *stats: object) -> None:
         if self._observer is None:
             return
         try:
-            getattr(self._observer, event)(stats)
+            getattr(self._observer, event)(*stats)
         except Exception:  # metrics must never take the engine down
             log.exception("observer %s failed", event)
 
@@ -248,6 +254,17 @@ class AsyncEngine:
             self._tracked[rid] = _Tracked(loop, sink, arrival, len(ids))
         if applied:
             self._publish_scheduler()
+
+    def _publish_kernels(self) -> None:
+        """Report the backend's kernel choice when it changes (PyTorch backends only)."""
+        backend = self.engine.runner.backend
+        kernels = getattr(backend, "kernels", None)
+        if kernels is None:
+            return
+        now = (kernels, backend.step_pending)
+        if now != self._kernels_seen:
+            self._kernels_seen = now
+            self._notify("on_kernels", dataclasses.asdict(kernels), backend.step_pending)
 
     def _publish_scheduler(self) -> None:
         stats = self.engine.scheduler.stats()

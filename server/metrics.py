@@ -151,6 +151,14 @@ class EngineMetrics(_Series):
                                       "Time of one engine step (schedule, forward, sample, "
                                       "detokenize).", (*m, "phase"), buckets=STEP_BUCKETS,
                                       registry=r)
+        self.kernel_info = Gauge("ragserve_kernel_info",
+                                 "1 for the implementation each shape class runs "
+                                 "(docs/performance.md).", (*m, "shape_class", "kernel"),
+                                 registry=r)
+        self.kernels_pending = Gauge("ragserve_kernels_pending",
+                                     "1 while a compiled decode step is being built and timed "
+                                     "in the background (eager serves meanwhile).", m,
+                                     registry=r)
 
     def on_scheduler(self, stats: SchedulerStats) -> None:
         name = self.model_name
@@ -170,6 +178,13 @@ class EngineMetrics(_Series):
         itl = self._child(self.itl)
         for t in stats.inter_token_latencies:
             itl.observe(t)
+
+    def on_kernels(self, kernels: dict[str, str], pending: bool) -> None:
+        name = self.model_name
+        self.kernel_info.clear()
+        for shape_class, kernel in kernels.items():
+            self.kernel_info.labels(name, shape_class, kernel).set(1)
+        self.kernels_pending.labels(name).set(int(pending))
 
     def on_finished(self, stats: FinishedRequestStats) -> None:
         name = self.model_name

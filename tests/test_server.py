@@ -343,6 +343,11 @@ def test_metrics_use_vllm_names(client: openai.OpenAI, server: str, engine_name:
     if engine_name == "ragserve":
         assert metric(text, "ragserve_bucket_selected_total", phase="prefill", bucket="16") >= 1
         assert metric(text, "ragserve_padding_tokens_total", phase="prefill") > 0
+        # the test server pins step=eager (serverutil.engine_flags); the rest was chosen here
+        assert metric(text, "ragserve_kernel_info", shape_class="decode_step",
+                      kernel="eager") == 1
+        assert metric(text, "ragserve_kernel_info", shape_class="decode_attention") == 1
+        assert metric(text, "ragserve_kernels_pending", model_name=MODEL) == 0
     else:
         assert "ragserve_bucket_selected" not in text
 
