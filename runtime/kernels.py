@@ -146,6 +146,16 @@ def time_calls(candidates: dict[str, Callable[[], Any]], reps: int = 7) -> dict[
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def time_summed(rounds: list[dict[str, Callable[[], Any]]], reps: int = 5) -> dict[str, float]:
+    """:func:`time_calls` over several shapes (one dict of candidates each), summed per
+    candidate."""
+    total: dict[str, float] = {}
+    for candidates in rounds:
+        for key, seconds in time_calls(candidates, reps).items():
+            total[key] = total.get(key, 0.0) + seconds
+    return total
+
+
 def fastest(times: dict[str, float]) -> str:
     return min(times, key=times.__getitem__)
 

@@ -85,6 +85,16 @@ def decode_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 DECODE_ATTENTION = {"matmul": decode_attention, "sdpa": decode_attention_sdpa}
 
 
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` reordered once into oneDNN's blocked layout (for :func:`packed_linear`)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` with W from :func:`pack_weight`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
 def onednn_packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
                                                             "_reorder_linear_weight")
@@ -120,7 +130,7 @@ class Linear(nn.Module):
         if "packed" in want and self.packed is None:
             if self.weight is None:
                 raise RuntimeError("the plain weight was released; cannot pack again")
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
+            self.packed = pack_weight(self.weight)
         if "plain" in want and self.weight is None:
             raise RuntimeError("the plain weight was released; cannot switch back to plain")
         if "packed" not in want:
@@ -134,7 +144,7 @@ class Linear(nn.Module):
         """The eager implementation chosen for ``x``'s phase."""
         decode = x.dim() == 2 or x.shape[-2] == 1
         if self.packed_decode if decode else self.packed_prefill:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+            return packed_linear(x, self.packed)
         return F.linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,7 @@ def test_pins_win_over_timing_and_the_cache_key_separates_machines(tiny_llama_di
                                  ).runner.backend
     assert backend.kernels.decode_attention == "sdpa" and backend.kernels.decode_step == "eager"
     assert backend.step_settled.is_set() and "decode_attention" not in backend.timings
-    key = backend._cache_key()
+    key = backend._cache_key
     assert key["cpu"] and key["torch"] == torch.__version__ and key["max_num_seqs"] == 3
     other = dict(key, cpu="another CPU")
     assert K.cache_path(tmp_path, other) != K.cache_path(tmp_path, key)

@@ -23,11 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from bucketing import DECODE, PREFILL, Bucket, BucketConfig, select
 from runtime import kernels as K
-from runtime.model import Llama
+from runtime.model import Llama, pack_weight, packed_linear
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,9 @@ class TorchBackend:
         self._decode_compiled: Callable[..., torch.Tensor] | None = None
         self.compiled_decode: Callable[..., torch.Tensor] | None = None  # built, maybe unused
         self._step_thread: threading.Thread | None = None
+        self._cache_key: dict = {}
         self._cache_file: Path | None = None
+        self._step_cached = False  # the cache already says which decode step is faster
         self.step_pending = False  # a compiled decode step is still to be built and timed
         self.step_settled = threading.Event()  # the decode step's choice is final
         if compile:
@@ -77,11 +80,6 @@ class TorchBackend:
 
     # -- kernel choice -------------------------------------------------------------------
 
-    def _cache_key(self) -> dict:
-        b = self.buckets
-        return K.cache_key(self.model, device=self.device, kv_dtype=self._kv_dtype(),
-                           max_num_seqs=b.max_num_seqs, max_model_len=b.max_model_len)
-
     def _kv_dtype(self) -> torch.dtype:
         return self.model.layers[0].attention.cache.k.dtype
 
@@ -92,9 +90,12 @@ class TorchBackend:
         from runtime.loader import default_cache_dir
 
         can = K.available(self.device)
-        self._cache_file = K.cache_path(self.cache_dir or default_cache_dir(),
-                                        self._cache_key())
-        cached, timings = K.load_cached(self._cache_file, self._cache_key())
+        b = self.buckets
+        self._cache_key = K.cache_key(self.model, device=self.device, kv_dtype=self._kv_dtype(),
+                                      max_num_seqs=b.max_num_seqs, max_model_len=b.max_model_len)
+        self._cache_file = K.cache_path(self.cache_dir or default_cache_dir(), self._cache_key)
+        cached, timings = K.load_cached(self._cache_file, self._cache_key)
+        self._step_cached = "decode_step" in cached
         self.timings = dict(timings)
         choices = {k: v[0] for k, v in can.items()}
         choices.update({k: v for k, v in cached.items() if v in can[k]})
@@ -122,7 +123,7 @@ class TorchBackend:
         return K.merge(K.Kernels(), choices)
 
     def _save(self, choices: dict[str, str]) -> None:
-        K.save_cached(self._cache_file, self._cache_key(), choices, self.timings)
+        K.save_cached(self._cache_file, self._cache_key, choices, self.timings)
 
     def _tuning_linears(self, budget_bytes: int) -> list:
         """The first layers' linears up to ``budget_bytes`` of weights (past the CPU caches, so
@@ -148,17 +149,14 @@ class TorchBackend:
             shapes = [(1, select(b.context_encoding_buckets,
                                  min(256, b.context_encoding_buckets[-1])))]
         w = [m.weight.detach() for m in mods]
-        packed = [torch.ops.mkldnn._reorder_linear_weight(x, 1) for x in w]
-        total = {"packed": 0.0, "plain": 0.0}
+        packed = [pack_weight(x) for x in w]
+        rounds = []
+        for shape in shapes:
+            xs = [torch.randn(*shape, x.shape[1], dtype=x.dtype, device=self.device) for x in w]
+            rounds.append({"packed": functools.partial(_linears, packed_linear, xs, packed),
+                           "plain": functools.partial(_linears, F.linear, xs, w)})
         with torch.inference_mode():
-            for shape in shapes:
-                xs = [torch.randn(*shape, x.shape[1], dtype=x.dtype, device=self.device)
-                      for x in w]
-                times = K.time_calls({"packed": functools.partial(_packed_linears, xs, packed),
-                                      "plain": functools.partial(_plain_linears, xs, w)}, reps=5)
-                for k, v in times.items():
-                    total[k] += v
-        return total
+            return K.time_summed(rounds)
 
     def _time_attention(self) -> dict[str, float]:
         """Seconds for every layer's decode attention at 1 and ``max_num_seqs`` rows over a
@@ -168,18 +166,16 @@ class TorchBackend:
         a, b = self.model.args, self.buckets
         ctx = min(b.max_model_len, 512)
         caches = [layer.attention.cache for layer in self.model.layers]
-        total = {k: 0.0 for k in DECODE_ATTENTION}
+        rounds = []
+        for rows in sorted({1, b.max_num_seqs}):
+            q = torch.randn(rows, a.n_heads, 1, a.head_dim, dtype=self._kv_dtype(),
+                            device=self.device)
+            mask = torch.ones(rows, 1, 1, ctx, dtype=torch.bool, device=self.device)
+            kv = [(c.k[:rows, :, :ctx], c.v[:rows, :, :ctx]) for c in caches]
+            rounds.append({name: functools.partial(_attention, fn, q, kv, mask)
+                           for name, fn in DECODE_ATTENTION.items()})
         with torch.inference_mode():
-            for rows in sorted({1, b.max_num_seqs}):
-                q = torch.randn(rows, a.n_heads, 1, a.head_dim, dtype=self._kv_dtype(),
-                                device=self.device)
-                mask = torch.ones(rows, 1, 1, ctx, dtype=torch.bool, device=self.device)
-                kv = [(c.k[:rows, :, :ctx], c.v[:rows, :, :ctx]) for c in caches]
-                times = K.time_calls({name: functools.partial(_attention, fn, q, kv, mask)
-                                      for name, fn in DECODE_ATTENTION.items()}, reps=5)
-                for k, v in times.items():
-                    total[k] += v
-        return total
+            return K.time_summed(rounds)
 
     # -- the compiled decode step --------------------------------------------------------
 
@@ -217,19 +213,13 @@ class TorchBackend:
         return fn
 
     def _time_step(self, compiled: Callable[..., torch.Tensor]) -> dict[str, float]:
-        b = self.buckets
-        ctx = min(b.max_model_len, 512)
-        total = {"eager": 0.0, "compiled": 0.0}
+        ctx = min(self.buckets.max_model_len, 512)
+        served = self._stance(compiled)
         with torch.inference_mode():
-            for rows in sorted({1, b.max_num_seqs}):
-                times = K.time_calls({
-                    "eager": functools.partial(self._spare_decode, self.model, rows, ctx),
-                    "compiled": functools.partial(self._spare_decode, self._stance(compiled),
-                                                  rows, ctx),
-                }, reps=5)
-                for k, v in times.items():
-                    total[k] += v
-        return total
+            return K.time_summed([
+                {"eager": functools.partial(self._spare_decode, self.model, rows, ctx),
+                 "compiled": functools.partial(self._spare_decode, served, rows, ctx)}
+                for rows in sorted({1, self.buckets.max_num_seqs})])
 
     @staticmethod
     def _stance(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -243,9 +233,7 @@ class TorchBackend:
         faster; any failure leaves eager in place (logged)."""
         try:
             compiled = self._compile_decode()
-            settled = "decode_step" in self.pinned or "decode_step" in K.load_cached(
-                self._cache_file, self._cache_key())[0]
-            if settled:
+            if "decode_step" in self.pinned or self._step_cached:
                 self.kernels = K.merge(self.kernels, {"decode_step": "compiled"})
             else:
                 self.timings["decode_step"] = self._time_step(compiled)
@@ -349,14 +337,10 @@ class TorchBackend:
                  " (torch.compile, one per bucket)" if self.compile else "")
 
 
-def _packed_linears(xs: list[torch.Tensor], packed: list[torch.Tensor]) -> None:
-    for x, p in zip(xs, packed):
-        torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
-
-
-def _plain_linears(xs: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
+def _linears(fn: Callable[..., torch.Tensor], xs: list[torch.Tensor],
+             weights: list[torch.Tensor]) -> None:
     for x, w in zip(xs, weights):
-        torch.nn.functional.linear(x, w)
+        fn(x, w)
 
 
 def _attention(fn: Callable[..., torch.Tensor], q: torch.Tensor,
