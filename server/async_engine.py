@@ -10,7 +10,6 @@ disconnected client's slot is free for the very next step.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
@@ -256,15 +255,16 @@ class AsyncEngine:
             self._publish_scheduler()
 
     def _publish_kernels(self) -> None:
-        """Report the backend's kernel choice when it changes (PyTorch backends only)."""
-        backend = self.engine.runner.backend
-        kernels = getattr(backend, "kernels", None)
-        if kernels is None:
+        """Report the kernel choice at ready and once more when a pending one settles; after
+        that nothing changes, so the loop stops asking."""
+        if self._kernels_seen is not None and not self._kernels_seen[1]:
             return
-        now = (kernels, backend.step_pending)
-        if now != self._kernels_seen:
-            self._kernels_seen = now
-            self._notify("on_kernels", dataclasses.asdict(kernels), backend.step_pending)
+        report = self.engine.kernel_report()
+        if report is None:  # a backend without a choice of kernels
+            self._kernels_seen = ({}, False)
+        elif report != self._kernels_seen:
+            self._kernels_seen = report
+            self._notify("on_kernels", *report)
 
     def _publish_scheduler(self) -> None:
         stats = self.engine.scheduler.stats()

@@ -172,11 +172,13 @@ class Engine:
         return rid
 
     def start_background_compile(self) -> None:
-        """Let a PyTorch backend build and time its compiled decode step on a background
-        thread while this engine serves (runtime.kernels); a no-op for other backends."""
-        start = getattr(self.runner.backend, "start_background_compile", None)
-        if start is not None:
-            start()
+        """Let the backend build and time what may replace its warm path (the PyTorch
+        backend's compiled decode step, runtime.kernels) while this engine serves."""
+        self.runner.backend.start_background_compile()
+
+    def kernel_report(self) -> tuple[dict[str, str], bool] | None:
+        """The backend's implementation per shape class, and whether one is still pending."""
+        return self.runner.backend.kernel_report()
 
     def abort(self, request_id: str) -> None:
         self.scheduler.abort_request(request_id)

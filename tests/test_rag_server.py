@@ -56,6 +56,12 @@ class ScriptedBackend:
     def warmup(self) -> None:
         pass
 
+    def start_background_compile(self) -> None:
+        pass
+
+    def kernel_report(self) -> None:
+        return None
+
     def forward(self, input_ids, cache_ids, start_ids, last_token_id) -> torch.Tensor:
         logits = torch.full((input_ids.shape[0], self.vocab_size), -1e4)
         for b in range(input_ids.shape[0]):

@@ -44,3 +44,13 @@ class Backend(Protocol):
     def warmup(self) -> None:
         """Prepare (compile, load, run once) every bucket's graph."""
         ...
+
+    def start_background_compile(self) -> None:
+        """Build what may replace a warm path later, on a background thread (a no-op where
+        nothing is left to build)."""
+        ...
+
+    def kernel_report(self) -> tuple[dict[str, str], bool] | None:
+        """The implementation per shape class and whether one is still being built (None:
+        this backend has no choice of kernels)."""
+        ...

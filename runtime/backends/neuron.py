@@ -372,6 +372,12 @@ class NeuronBackend:
             out[i] = logits[0, : self.vocab_size].float()
         return out
 
+    def start_background_compile(self) -> None:
+        """Nothing to build after load: every graph is neuronx-cc's, compiled before ready."""
+
+    def kernel_report(self) -> None:
+        return None
+
     def warmup(self, on_progress: ProgressCallback | None = None) -> None:
         """Run every context-encoding and token-generation graph once (first runs load each
         NEFF onto the cores), in slot 0, before any request owns it."""

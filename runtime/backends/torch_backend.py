@@ -15,6 +15,7 @@ Two ways to run, chosen by ``compile``:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -256,6 +257,9 @@ class TorchBackend:
             self.step_pending = False
             self.step_settled.set()
         log.info("kernels: %s", self.kernels)
+
+    def kernel_report(self) -> tuple[dict[str, str], bool]:
+        return dataclasses.asdict(self.kernels), self.step_pending
 
     def start_background_compile(self) -> None:
         """Settle the decode step on a background thread while eager serves (a no-op when it
