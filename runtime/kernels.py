@@ -33,6 +33,7 @@ import os
 import platform
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -232,8 +233,9 @@ _registered = False
 
 
 def register_linear(module: Any) -> int:
-    """An id for ``module`` inside compiled graphs (weights stay out of the graph)."""
-    _LINEARS.append(module)
+    """An id for ``module`` inside compiled graphs (weights stay out of the graph). Held
+    weakly: a model that goes away is not kept alive by its graphs' registry."""
+    _LINEARS.append(weakref.ref(module))
     return len(_LINEARS) - 1
 
 
@@ -248,7 +250,7 @@ def register_ops() -> None:
 
     @torch.library.custom_op("ragserve::linear", mutates_args=())
     def linear(x: torch.Tensor, wid: int, out_features: int) -> torch.Tensor:
-        return _LINEARS[wid].run(x)
+        return _LINEARS[wid]().run(x)
 
     @linear.register_fake
     def _(x: torch.Tensor, wid: int, out_features: int) -> torch.Tensor:
