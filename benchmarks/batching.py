@@ -6,7 +6,10 @@ mixed between 16 and 512 tokens (``--lengths loguniform``: many short answers an
 ones, as chat traffic is; or ``uniform``), with ``ignore_eos`` so every request produces exactly
 its length. The same engine (model, buckets, runner) runs twice:
 
-- continuous: ragserve's scheduler; a finished request's slot is refilled on the next step;
+- continuous: ragserve's scheduler as the server runs it; a finished request's slot is refilled
+  on the next step (with the PyTorch backend, prompts join the running decode step: mixed steps);
+- separate (continuous, prefill and decode in separate steps, as with static graphs), reported
+  as ``mixed_vs_separate`` when the engine runs mixed steps;
 - static: a batch is admitted together (up to ``max_num_seqs`` waiting requests) and nothing
   joins until every request in it has finished.
 
@@ -129,11 +132,19 @@ def main() -> None:
                                              max_num_seqs=seqs))
     engine.start_background_compile()  # the kernels settle as a server's would, before timing
     engine.runner.backend.step_settled.wait()
-    buckets, eos = engine.scheduler.buckets, engine.scheduler.eos_token_ids
-    results: dict[str, list[dict]] = {"continuous": [], "static": []}
+    own = engine.scheduler
+    buckets, eos = own.buckets, own.eos_token_ids
+    policies = {
+        "continuous": lambda: Scheduler(buckets, eos, mixed=own.mixed,
+                                        max_num_batched_tokens=own.max_num_batched_tokens),
+        "static": lambda: StaticBatchScheduler(buckets, eos),
+    }
+    if own.mixed:
+        policies["separate"] = lambda: Scheduler(buckets, eos)
+    results: dict[str, list[dict]] = {name: [] for name in policies}
     for r in range(rounds):
-        for name, cls in (("continuous", Scheduler), ("static", StaticBatchScheduler)):
-            engine.scheduler = cls(buckets, eos)
+        for name, make in policies.items():
+            engine.scheduler = make()
             res = run(engine, workload, args.timeout)
             results[name].append(res)
             print(f"round {r + 1} {name}: {res['tok_s']:.1f} tok/s over {res['seconds']:.1f}s, "
@@ -160,9 +171,16 @@ def main() -> None:
         "static_ttft_p50_s": med("static", "ttft_p50_s"),
         "continuous_steps": med("continuous", "steps"),
         "static_steps": med("static", "steps"),
+        "mixed_steps": own.mixed,
         "rounds": rounds,
         "kernels": str(engine.runner.backend.kernels),
     }
+    if own.mixed:
+        result["mixed_vs_separate"] = median(
+            [c["tok_s"] / s["tok_s"] for c, s in zip(results["continuous"], results["separate"])])
+        result["separate_tok_s"] = med("separate", "tok_s")
+        result["separate_ttft_p50_s"] = med("separate", "ttft_p50_s")
+        result["separate_e2e_p50_s"] = med("separate", "e2e_p50_s")
     emit("batching", args, round_floats(result))
 
 

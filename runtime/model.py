@@ -4,12 +4,16 @@ Shapes are fixed per call by the bucket the scheduler chose, and nothing is allo
 ``forward`` that outlives it: the KV cache ``[slots, kv_heads, max_len, head_dim]`` per layer and
 the rotary tables are allocated once by :meth:`Llama.setup_caches`.
 
-Two call shapes, as in transformers-neuronx continuous batching:
+Two call shapes, as in transformers-neuronx continuous batching (:meth:`Llama.forward`):
 
 - prefill: ``B`` prompts padded to ``T`` tokens, each written into its own slot
   (``slots[b]``); attention uses the prompt's own keys (prompts start at position 0);
 - decode: one token per row and **row i is slot i** (the batch is padded to cover the highest
   running slot), so attention reads ``cache[:B, :, :ctx_len]`` as a view, with no gather.
+
+and one ragged shape for backends without static graphs (:meth:`Llama.forward_mixed`): decode
+rows and whole prompts flattened into one token sequence, so every matmul reads its weights once
+for both (vLLM's mixed prefill/decode batch); only attention is split per part.
 """
 
 from __future__ import annotations
@@ -180,6 +184,12 @@ class KVCache(nn.Module):
         self.k[idx] = k.to(self.k.dtype)
         self.v[idx] = v.to(self.v.dtype)
 
+    def write_tokens(self, slots: torch.Tensor, positions: torch.Tensor,
+                     k: torch.Tensor, v: torch.Tensor) -> None:
+        # slots, positions: [N] (one per token); k, v: [N, Hkv, hd]
+        self.k[slots, :, positions] = k.to(self.k.dtype)
+        self.v[slots, :, positions] = v.to(self.v.dtype)
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
@@ -213,6 +223,34 @@ class Attention(nn.Module):
                                  cache.v[:B, :, :ctx_len], mask).to(x.dtype)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * hd))
 
+    def forward_mixed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      mask: torch.Tensor | None, slots: torch.Tensor, positions: torch.Tensor,
+                      num_decode: int, ctx_len: int, prompt_lens: list[int]) -> torch.Tensor:
+        # x: [1, N, D]: num_decode decode rows (row i is slot i), then each prompt's tokens;
+        # slots, positions: [N]; mask: [num_decode, 1, 1, ctx_len]
+        _, N, _ = x.shape
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qk, v = self.wqkv(x).split([(H + Hkv) * hd, Hkv * hd], dim=-1)
+        qk = apply_rope(qk.view(1, N, H + Hkv, hd), cos, sin)
+        q, k = qk[0].split([H, Hkv], dim=1)  # [N, H, hd], [N, Hkv, hd]
+        v = v.view(N, Hkv, hd)
+        self.cache.write_tokens(slots, positions, k, v)
+        ys = []
+        if num_decode:  # the decode rows read the cache, as in forward
+            cache, B = self.cache, num_decode
+            y = self.decode_attention(q[:B].unsqueeze(2).to(cache.k.dtype),
+                                      cache.k[:B, :, :ctx_len], cache.v[:B, :, :ctx_len], mask)
+            ys.append(y.to(x.dtype).reshape(B, H * hd))
+        start = num_decode
+        for n in prompt_lens:  # each prompt: causal over its own keys (it starts at 0)
+            part = slice(start, start + n)
+            y = F.scaled_dot_product_attention(
+                q[part].transpose(0, 1)[None], k[part].transpose(0, 1)[None],
+                v[part].transpose(0, 1)[None], is_causal=True, enable_gqa=Hkv != H)
+            ys.append(y[0].transpose(0, 1).reshape(n, H * hd))
+            start += n
+        return self.wo(torch.cat(ys)[None])
+
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
@@ -238,6 +276,13 @@ class TransformerBlock(nn.Module):
                 mask: torch.Tensor | None, slots: torch.Tensor, positions: torch.Tensor,
                 ctx_len: int | None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, slots, positions, ctx_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward_mixed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      mask: torch.Tensor | None, slots: torch.Tensor, positions: torch.Tensor,
+                      num_decode: int, ctx_len: int, prompt_lens: list[int]) -> torch.Tensor:
+        h = x + self.attention.forward_mixed(self.attention_norm(x), cos, sin, mask, slots,
+                                             positions, num_decode, ctx_len, prompt_lens)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -311,6 +356,35 @@ class Llama(nn.Module):
             x = layer(x, cos, sin, mask, slots, positions, ctx_len)
         x = x.gather(1, last_idx.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1)  # [B, D]
         return self.output(self.norm(x)).float()
+
+    def forward_mixed(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                      slots: torch.Tensor, num_decode: int, prompt_lens: list[int]
+                      ) -> torch.Tensor:
+        """Logits ``[num_decode + len(prompt_lens), vocab]`` (float32) of a ragged step: one
+        token for each of ``num_decode`` decode rows (row i is slot i, reading the cache up to
+        the longest of them), then the last token of each prompt.
+
+        input_ids, positions, slots: ``[N]``, the decode rows' tokens first, then each prompt's
+        (positions from 0, all in the prompt's slot). A decode row with no request in its slot
+        is written at :attr:`spare_position`. Every matmul runs once over all ``N`` tokens.
+        """
+        if num_decode + sum(prompt_lens) != input_ids.shape[0]:
+            raise ValueError(f"{input_ids.shape[0]} tokens for {num_decode} decode rows and "
+                             f"prompts of {prompt_lens} tokens")
+        x = self.tok_embeddings(input_ids)[None]  # [1, N, D]
+        cos = self.rope_cos[positions][None, :, None]  # [1, N, 1, hd]
+        sin = self.rope_sin[positions][None, :, None]
+        mask, ctx_len = None, 0
+        if num_decode:
+            dec = positions[:num_decode]
+            ctx_len = int(dec.masked_fill(dec == self.spare_position, 0).max()) + 1
+            mask = (self.key_pos[:ctx_len] <= dec[:, None]).view(num_decode, 1, 1, ctx_len)
+        for layer in self.layers:
+            x = layer.forward_mixed(x, cos, sin, mask, slots, positions, num_decode, ctx_len,
+                                    prompt_lens)
+        ends = torch.tensor(prompt_lens, device=x.device).cumsum(0) + num_decode - 1
+        last = torch.cat([torch.arange(num_decode, device=x.device), ends])
+        return self.output(self.norm(x[0, last])).float()
 
     @classmethod
     def from_hf_state_dict(cls, args: ModelArgs, state: dict[str, torch.Tensor],

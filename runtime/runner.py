@@ -71,6 +71,45 @@ class BucketedBatch:
         )
 
 
+@dataclass(frozen=True)
+class RaggedBatch:
+    """A mixed step flattened for ``Backend.forward_mixed``: one token per decode row (row i
+    is slot i, ``cache_ids`` -1 where no request holds the slot), then every prompt's tokens.
+    ``rows[i]`` is where scheduled row i's logits are."""
+
+    input_ids: torch.Tensor  # [N]
+    cache_ids: torch.Tensor  # [N]
+    start_ids: torch.Tensor  # [N]: each token's slot
+    num_decode: int
+    prompt_lens: list[int]
+    rows: list[int]
+
+    @property
+    def num_computed_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    @classmethod
+    def pack(cls, out: SchedulerOutput) -> RaggedBatch:
+        dec = out.decode_rows if out.is_prefill else out.rows
+        prompts = out.rows if out.is_prefill else ()
+        n_dec = max((r.slot for r in dec), default=-1) + 1
+        ids, pos, slots = [0] * n_dec, [-1] * n_dec, list(range(n_dec))
+        for r in dec:
+            ids[r.slot], pos[r.slot] = r.token_ids[0], r.start_pos
+        for r in prompts:
+            ids += r.token_ids
+            pos += range(len(r.token_ids))
+            slots += [r.slot] * len(r.token_ids)
+        return cls(
+            input_ids=torch.tensor(ids),
+            cache_ids=torch.tensor(pos),
+            start_ids=torch.tensor(slots),
+            num_decode=n_dec,
+            prompt_lens=[len(r.token_ids) for r in prompts],
+            rows=[r.slot for r in dec] + [n_dec + j for j in range(len(prompts))],
+        )
+
+
 class ModelRunner:
     """Keeps per-request sampling state, packs each step into its bucket, runs the backend and
     samples. Plain lists leave; no tensor crosses into the scheduler."""
@@ -87,19 +126,28 @@ class ModelRunner:
             self.states[new.request_id] = RequestState.create(
                 new.sampling_params, new.prompt_token_ids, self.backend.device
             )
-        exact = not self.backend.pads_to_buckets
-        batch = BucketedBatch.pack(out, self.backend.scratch_slot, exact)
-        logits = self.backend.forward(
-            batch.input_ids, batch.cache_ids, batch.start_ids, batch.last_token_id
-        )
+        backend = self.backend
+        batch: BucketedBatch | RaggedBatch
+        if out.is_prefill and backend.runs_mixed:  # prompts, maybe with decode rows
+            batch = RaggedBatch.pack(out)
+            logits = backend.forward_mixed(batch.input_ids, batch.cache_ids, batch.start_ids,
+                                           batch.num_decode, batch.prompt_lens)
+        elif out.decode_rows:
+            raise ValueError("a mixed step was scheduled for a backend that cannot run one")
+        else:
+            batch = BucketedBatch.pack(out, backend.scratch_slot, not backend.pads_to_buckets)
+            logits = backend.forward(
+                batch.input_ids, batch.cache_ids, batch.start_ids, batch.last_token_id
+            )
         n = len(batch.rows)
         logits = logits[:n] if batch.rows == list(range(n)) else logits[batch.rows]
-        states = [self.states[r.request_id] for r in out.rows]
+        rows = out.scheduled_rows
+        states = [self.states[r.request_id] for r in rows]
         sampled = self.sampler(logits, states)
         for st, tok in zip(states, sampled.token_ids):
             st.output_token_ids.append(tok)
         return ModelRunnerOutput(
-            request_ids=[r.request_id for r in out.rows],
+            request_ids=[r.request_id for r in rows],
             sampled_token_ids=sampled.token_ids,
             logprobs=sampled.logprobs,
             num_computed_tokens=batch.num_computed_tokens,

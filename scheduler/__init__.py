@@ -15,11 +15,17 @@ from scheduler.request import (
     RequestStatus,
     SamplingParams,
 )
-from scheduler.scheduler import RequestTooLongError, Scheduler, check_fits
+from scheduler.scheduler import (
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    RequestTooLongError,
+    Scheduler,
+    check_fits,
+)
 from scheduler.slots import SlotPool
 from scheduler.stats import IterationStats, SchedulerStats
 
 __all__ = [
+    "DEFAULT_MAX_NUM_BATCHED_TOKENS",
     "FinishReason",
     "GenerationRequest",
     "IterationStats",

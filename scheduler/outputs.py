@@ -34,25 +34,39 @@ class ScheduledRow:
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    """One engine step: either a prefill of new requests or a decode of all running ones."""
+    """One engine step: a prefill of new requests, a decode of all running ones, or (for a
+    backend that runs mixed steps) a prefill with the running requests' decode rows in it."""
 
     bucket: Bucket
     rows: tuple[ScheduledRow, ...]
     new_requests: tuple[NewRequestData, ...] = ()
     finished_request_ids: frozenset[str] = frozenset()
+    # running requests advancing one token inside this prefill step (a mixed step)
+    decode_rows: tuple[ScheduledRow, ...] = ()
 
     @property
     def phase(self) -> str:
-        return self.bucket.phase
+        """``prefill``, ``decode`` or ``mixed``."""
+        return "mixed" if self.decode_rows else self.bucket.phase
 
     @property
     def is_prefill(self) -> bool:
+        """The step runs prompts (a mixed step does too)."""
         return self.bucket.phase == PREFILL
+
+    @property
+    def scheduled_rows(self) -> tuple[ScheduledRow, ...]:
+        """Every row that gets a token this step: decode rows first, then :attr:`rows`."""
+        return self.decode_rows + self.rows
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(r.token_ids) for r in self.rows) if self.is_prefill else 0
 
     @property
     def num_tokens(self) -> int:
         """Real tokens fed to the model this step."""
-        return sum(len(r.token_ids) for r in self.rows)
+        return sum(len(r.token_ids) for r in self.rows) + len(self.decode_rows)
 
     @property
     def padding_tokens(self) -> int:

@@ -8,15 +8,23 @@ join and leave the running batch at every step.
 Policy: prefill whenever a request waits and a slot is free, but never more than
 ``max_prefill_streak`` prefill steps in a row while requests are decoding, so a stream of
 arrivals cannot starve decode.
+
+With ``mixed`` (a backend without static graphs, ``Backend.runs_mixed``) there are no separate
+prefill steps while requests run: each step advances every running request by one token and
+admits waiting prompts into the same step, first come first served, while slots are free and
+the step stays within ``max_num_batched_tokens`` (vLLM's policy and flag; the queue's head is
+always admitted when a slot is free, so a long prompt never waits for the budget). Decode never
+stalls for a prefill, and the matmuls read their weights once for both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import deque
 from collections.abc import Iterable
 
-from bucketing import BucketConfig, select
+from bucketing import PREFILL, Bucket, BucketConfig, select
 from scheduler.outputs import (
     ModelRunnerOutput,
     NewRequestData,
@@ -73,6 +81,10 @@ def check_fits(prompt_len: int, max_tokens: int | None, *, max_model_len: int,
     return max_tokens
 
 
+#: vLLM's default for its OpenAI server on CPU (``--max-num-batched-tokens``)
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+
 class Scheduler:
     """Decides, each step, which requests run and in which bucket; owns slot ids."""
 
@@ -84,12 +96,19 @@ class Scheduler:
         buckets: BucketConfig,
         eos_token_ids: Iterable[int] = (),
         max_prefill_streak: int = 1,
+        *,
+        mixed: bool = False,
+        max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
     ) -> None:
         if max_prefill_streak < 1:
             raise ValueError(f"max_prefill_streak must be >= 1, got {max_prefill_streak}")
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
         self.buckets = buckets
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_prefill_streak = max_prefill_streak
+        self.mixed = mixed
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.slots = SlotPool(buckets.max_num_seqs)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -141,6 +160,8 @@ class Scheduler:
         if not self.has_unfinished():
             raise RuntimeError("schedule() called with no unfinished requests")
         finished, self._finished_ids = frozenset(self._finished_ids), set()
+        if self.mixed:
+            return self._schedule_mixed(finished)
         if self.should_prefill():
             self._prefill_streak += 1
             return self._schedule_prefill(finished)
@@ -153,8 +174,9 @@ class Scheduler:
             return False
         return not self.running or self._prefill_streak < self.max_prefill_streak
 
-    def _schedule_prefill(self, finished: frozenset[str]) -> SchedulerOutput:
-        chosen = self._pick_prefill()
+    def _schedule_prefill(self, finished: frozenset[str],
+                          chosen: list[Request] | None = None) -> SchedulerOutput:
+        chosen = chosen or self._pick_prefill()
         new, rows = [], []
         for req in chosen:
             self.waiting.remove(req)
@@ -164,7 +186,12 @@ class Scheduler:
             params, prompt = req.sampling_params, req.prompt_token_ids
             new.append(NewRequestData(req.request_id, req.slot, prompt, params))
             rows.append(ScheduledRow(req.request_id, req.slot, prompt, 0))
-        bucket = self.buckets.prefill(max(r.num_prompt_tokens for r in chosen), len(chosen))
+        longest = max(r.num_prompt_tokens for r in chosen)
+        if self.mixed:  # exact shapes: any number of prompts, no batch bucket
+            bucket = Bucket(PREFILL, len(chosen),
+                            select(self.buckets.context_encoding_buckets, longest, "prompt length"))
+        else:
+            bucket = self.buckets.prefill(longest, len(chosen))
         return SchedulerOutput(bucket, tuple(rows), tuple(new), finished)
 
     def _pick_prefill(self) -> list[Request]:
@@ -186,26 +213,46 @@ class Scheduler:
             chosen.append(req)
         return chosen
 
+    def _schedule_mixed(self, finished: frozenset[str]) -> SchedulerOutput:
+        """Every running request's next token, plus the waiting prompts that fit (FIFO)."""
+        budget = self.max_num_batched_tokens - len(self.running)
+        chosen: list[Request] = []
+        for req in self.waiting:
+            if len(chosen) == self.slots.num_free:
+                break
+            if chosen and req.num_prompt_tokens > budget:
+                break  # first come, first served: no prompt overtakes the one that waits
+            chosen.append(req)
+            budget -= req.num_prompt_tokens
+        if not chosen:
+            return self._schedule_decode(finished)
+        decode = self._decode_rows()  # before the new requests join the running ones
+        return dataclasses.replace(self._schedule_prefill(finished, chosen), decode_rows=decode)
+
+    def _decode_rows(self) -> tuple[ScheduledRow, ...]:
+        return tuple(
+            ScheduledRow(r.request_id, r.slot, (r.last_token_id,), r.num_computed_tokens)
+            for r in sorted(self.running, key=lambda r: r.slot)
+        )
+
     def _schedule_decode(self, finished: frozenset[str]) -> SchedulerOutput:
         """Every running request advances one token. Row i of a decode graph is slot i (the
         transformers-neuronx layout), so the batch bucket must reach the highest slot in use.
         Rows are listed in slot order, so with slots 0..n-1 in use the runner's logits are a
         plain slice of the graph's output."""
-        rows = tuple(
-            ScheduledRow(r.request_id, r.slot, (r.last_token_id,), r.num_computed_tokens)
-            for r in sorted(self.running, key=lambda r: r.slot)
-        )
+        rows = self._decode_rows()
         context_len = max(r.start_pos for r in rows) + 1
         bucket = self.buckets.decode(context_len, max(r.slot for r in rows) + 1)
         return SchedulerOutput(bucket, rows, (), finished)
 
     def update(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[StepOutput]:
         """Apply one step's sampled tokens; finish and free what is done."""
-        if result.request_ids != [r.request_id for r in out.rows]:
+        rows = out.scheduled_rows
+        if result.request_ids != [r.request_id for r in rows]:
             raise ValueError("runner output rows do not match the scheduled rows")
-        logprobs = result.logprobs or [None] * len(out.rows)
+        logprobs = result.logprobs or [None] * len(rows)
         steps = []
-        for row, token, lp in zip(out.rows, result.sampled_token_ids, logprobs):
+        for row, token, lp in zip(rows, result.sampled_token_ids, logprobs):
             req = self.requests.get(row.request_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # finished while the step ran
@@ -224,13 +271,13 @@ class Scheduler:
                     logprobs=(lp,) if lp is not None else (),
                 )
             )
-        self._record(out, generated=len(out.rows), computed=result.num_computed_tokens)
+        self._record(out, generated=len(rows), computed=result.num_computed_tokens)
         return steps
 
     def fail_step(self, out: SchedulerOutput) -> list[StepOutput]:
         """The step raised: finish exactly its requests with ``error``; everything else goes on."""
         steps = []
-        for row in out.rows:
+        for row in out.scheduled_rows:
             req = self.requests.get(row.request_id)
             if req is None:
                 continue
@@ -246,6 +293,20 @@ class Scheduler:
             )
         self._record(out, generated=0)
         return steps
+
+    def fail_mixed_step(self, out: SchedulerOutput
+                        ) -> tuple[list[StepOutput], SchedulerOutput | None]:
+        """A mixed step raised: its prompts fail (the same decode rows ran fine a step ago, so
+        a prompt is the likely cause), and the decode step returned, if any row is still
+        running, lets the running requests retry alone. Rewriting their cache positions is
+        harmless: the retry writes the same positions again."""
+        steps = self.fail_step(dataclasses.replace(out, decode_rows=()))
+        rows = tuple(r for r in out.decode_rows if r.request_id in self.requests)
+        if not rows:
+            return steps, None
+        bucket = self.buckets.decode(max(r.start_pos for r in rows) + 1,
+                                     max(r.slot for r in rows) + 1)
+        return steps, SchedulerOutput(bucket, rows)
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         if req.status == RequestStatus.WAITING:
@@ -266,11 +327,12 @@ class Scheduler:
             phase=out.phase,
             bucket=str(out.bucket),
             batch_size=out.bucket.batch_size,
-            num_rows=len(out.rows),
-            num_prompt_tokens=out.num_tokens if out.is_prefill else 0,
+            num_rows=len(out.scheduled_rows),
+            num_prompt_tokens=out.num_prompt_tokens,
             num_generation_tokens=generated,
             num_padding_tokens=(out.padding_tokens if computed is None
                                 else computed - out.num_tokens),
+            num_decode_rows=len(out.decode_rows) if out.is_prefill else len(out.rows),
         )
 
     def stats(self) -> SchedulerStats:

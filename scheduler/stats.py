@@ -38,8 +38,9 @@ class IterationStats:
     num_prompt_tokens: int
     num_generation_tokens: int
     num_padding_tokens: int
+    num_decode_rows: int = 0  # rows advancing one token (all of a decode step's)
 
     @property
     def num_tokens(self) -> int:
         """Real tokens the model processed this step."""
-        return self.num_prompt_tokens if self.phase == "prefill" else self.num_rows
+        return self.num_prompt_tokens + self.num_decode_rows

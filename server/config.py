@@ -77,6 +77,7 @@ class ServerConfig:
     port: int = 8000
     max_model_len: int | None = None
     max_num_seqs: int = 16
+    max_num_batched_tokens: int | None = None  # None: 2048 (vLLM's CPU default); vLLM: its own
     tensor_parallel_size: int = 1
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"
@@ -102,6 +103,12 @@ class ServerConfig:
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535, "--port", f"must be in 1..65535, got {self.port}")
         _require(self.max_num_seqs >= 1, "--max-num-seqs", f"must be >= 1, got {self.max_num_seqs}")
+        _require(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+                 "--max-num-batched-tokens", f"must be >= 1, got {self.max_num_batched_tokens}")
+        _require(self.max_num_batched_tokens is None or self.engine == "vllm"
+                 or not (self.compile or self.device == "neuron"), "--max-num-batched-tokens",
+                 "bounds ragserve's mixed prefill/decode steps, which static bucket graphs "
+                 "(--compile, --device neuron) do not run")
         _require(self.max_model_len is None or self.max_model_len >= 2, "--max-model-len",
                  f"must be >= 2, got {self.max_model_len}")
         _require(self.tensor_parallel_size >= 1, "--tensor-parallel-size",
@@ -179,6 +186,8 @@ class ServerConfig:
             model=self.model, dtype=self.dtype, kv_cache_dtype=self.kv_cache_dtype,
             device=self.device, max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=(self.max_num_batched_tokens
+                                    or EngineConfig.max_num_batched_tokens),
             context_encoding_buckets=self.context_encoding_buckets,
             token_generation_buckets=self.token_generation_buckets,
             compile=self.compile, kernels=self.kernels,
@@ -218,6 +227,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--max-model-len", type=int, default=d.max_model_len)
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="tokens one engine step may run: the running requests' next tokens "
+                        "plus the prompts admitted with them (default 2048, vLLM's on CPU; "
+                        "with --engine vllm, vLLM's default)")
     p.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
     p.add_argument("--dtype", default=d.dtype)
     p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype)

@@ -12,11 +12,13 @@ from typing import Any
 
 from bucketing import BucketConfig
 from scheduler import (
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
     FinishReason,
     GenerationRequest,
     SamplingParams,
     Scheduler,
     SchedulerOutput,
+    StepOutput,
 )
 from server.output import OutputProcessor, RequestOutput
 
@@ -36,6 +38,7 @@ class EngineConfig:
     device: str = "cpu"
     max_model_len: int | None = None  # None: min(model's max positions, 2048)
     max_num_seqs: int = 16
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS  # mixed steps (scheduler)
     context_encoding_buckets: tuple[int, ...] | None = None
     token_generation_buckets: tuple[int, ...] | None = None
     max_prefill_batch: int = 4
@@ -108,7 +111,9 @@ class Engine:
                                cache_dir=cfg.cache_dir)
         if cfg.warmup:
             backend.warmup()
-        scheduler = Scheduler(buckets, loaded.eos_token_ids, cfg.max_prefill_streak)
+        scheduler = Scheduler(buckets, loaded.eos_token_ids, cfg.max_prefill_streak,
+                              mixed=backend.runs_mixed,
+                              max_num_batched_tokens=cfg.max_num_batched_tokens)
         return cls(scheduler, ModelRunner(backend), loaded.tokenizer, loaded.name)
 
     @classmethod
@@ -195,14 +200,32 @@ class Engine:
         try:
             result = self.runner.execute(out)
         except Exception:
-            log.exception("engine step failed (%s); failing its %d requests",
-                          out.bucket, len(out.rows))
-            steps = self.scheduler.fail_step(out)
+            steps = self._fail(out)
         else:
             steps = self.scheduler.update(out, result)
         outputs, stopped = self.output.process(steps)
         self.scheduler.finish_requests(stopped, FinishReason.STOP)
         return outputs
+
+    def _fail(self, out: SchedulerOutput) -> list[StepOutput]:
+        """The runner raised on ``out``: fail its requests. In a mixed step only the prompts
+        fail; the running requests retry in a decode step of their own."""
+        if not out.decode_rows:
+            log.exception("engine step failed (%s); failing its %d requests",
+                          out.bucket, len(out.rows))
+            return self.scheduler.fail_step(out)
+        log.exception("mixed step failed (%s); failing its %d prompts, retrying its %d "
+                      "running requests alone", out.bucket, len(out.rows), len(out.decode_rows))
+        steps, retry = self.scheduler.fail_mixed_step(out)
+        if retry is None:
+            return steps
+        try:
+            result = self.runner.execute(retry)
+        except Exception:
+            log.exception("the retried decode step failed too; failing its %d requests",
+                          len(retry.rows))
+            return steps + self.scheduler.fail_step(retry)
+        return steps + self.scheduler.update(retry, result)
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams],

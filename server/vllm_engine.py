@@ -83,6 +83,7 @@ log = logging.getLogger(__name__)
 OWN_FLAGS = {
     "model": "--model", "served_model_name": "--served-model-name",
     "max_model_len": "--max-model-len", "max_num_seqs": "--max-num-seqs",
+    "max_num_batched_tokens": "--max-num-batched-tokens",
     "tensor_parallel_size": "--tensor-parallel-size", "dtype": "--dtype",
     "kv_cache_dtype": "--kv-cache-dtype", "device": "--device",
     "disable_log_stats": "(always on: /metrics serves vLLM's series)",
@@ -105,6 +106,8 @@ def engine_kwargs(config: ServerConfig, model: str, served_name: str,
         kv_cache_dtype=config.kv_cache_dtype, disable_log_stats=False)
     if config.max_model_len is not None:
         kw["max_model_len"] = config.max_model_len
+    if config.max_num_batched_tokens is not None:
+        kw["max_num_batched_tokens"] = config.max_num_batched_tokens
     if "device" in fields:  # releases before the platform was detected
         kw["device"] = config.device
     extra = dict(config.vllm_args)

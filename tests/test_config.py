@@ -24,6 +24,9 @@ def test_flags_named_as_vllm_names_them():
     ec = cfg.engine_config()
     assert (ec.model, ec.max_model_len, ec.max_num_seqs, ec.dtype) == ("/m", 512, 8, "float32")
     assert ec.token_generation_buckets == (256, 512)
+    assert ec.max_num_batched_tokens == 2048  # vLLM's default on CPU
+    ec = config_from_args(["--max-num-batched-tokens", "512"], environ={}).engine_config()
+    assert ec.max_num_batched_tokens == 512
 
 
 def test_every_flag_reads_its_environment_variable_and_flags_win():
@@ -43,6 +46,9 @@ def test_sagemaker_port():
 
 @pytest.mark.parametrize(("argv", "env", "message"), [
     (["--max-num-seqs", "0"], {}, "--max-num-seqs must be >= 1, got 0"),
+    (["--max-num-batched-tokens", "0"], {}, "--max-num-batched-tokens must be >= 1, got 0"),
+    (["--compile", "--max-num-batched-tokens", "512"], {},
+     "--max-num-batched-tokens bounds ragserve's mixed prefill/decode steps"),
     ([], {"RAGSERVE_MAX_NUM_SEQS": "0"},
      r"--max-num-seqs must be >= 1, got 0 \(from RAGSERVE_MAX_NUM_SEQS\)"),
     ([], {"RAGSERVE_PORT": "http"}, "RAGSERVE_PORT \\(for --port\\)"),

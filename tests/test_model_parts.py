@@ -53,3 +53,53 @@ def test_torch_compile_per_bucket_matches_eager(tiny_llama_dir: Path):
         return [o.token_ids for o in outs]
 
     assert run(True) == run(False)
+
+
+def tiny_llama(dtype: torch.dtype, slots: int = 4, max_len: int = 64):
+    from runtime.config import ModelArgs
+    from runtime.model import Llama
+
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                     intermediate_size=48)
+    model = Llama(args)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    model = model.to(dtype).eval().requires_grad_(False)
+    model.setup_caches(slots, max_len)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixed_step_matches_separate_prefill_and_decode(dtype):
+    """One ragged call (decode rows with a hole, two prompts, one of them entering the hole's
+    slot) gives the logits and KV cache that separate prefill and decode calls give."""
+    prompts = {0: [3, 4, 5, 6, 7], 2: [8, 9, 10], 1: [11, 12, 13, 14, 15, 16], 3: [17, 18]}
+    refs = []
+    for mixed in (False, True):
+        model = tiny_llama(dtype)
+        with torch.inference_mode():
+            for slot in (0, 2):  # running before the step: slots 0 and 2 (slot 1 is free)
+                ids = torch.tensor([prompts[slot]])
+                model(ids, torch.arange(ids.shape[1])[None], torch.tensor([slot]),
+                      torch.tensor([ids.shape[1] - 1]))
+            dec_ids = [20, 0, 21]  # row 1: no request in slot 1
+            if mixed:
+                ids = dec_ids + prompts[1] + prompts[3]
+                pos = [5, model.spare_position, 3, *range(6), *range(2)]
+                slots = [0, 1, 2] + [1] * 6 + [3] * 2
+                logits = model.forward_mixed(torch.tensor(ids), torch.tensor(pos),
+                                             torch.tensor(slots), 3, [6, 2])
+                logits = logits[[0, 2, 3, 4]]
+            else:
+                dec = model(torch.tensor([[20], [0], [21]]), torch.tensor([[5], [0], [3]]),
+                            torch.arange(3), torch.zeros(3, dtype=torch.long), ctx_len=6)
+                pre = [model(torch.tensor([prompts[s]]), torch.arange(len(prompts[s]))[None],
+                             torch.tensor([s]), torch.tensor([len(prompts[s]) - 1]))
+                       for s in (1, 3)]
+                logits = torch.cat([dec[[0, 2]], *pre])
+            cache = model.layers[-1].attention.cache
+            refs.append((logits, cache.k[:, :, :8].clone(), cache.v[:, :, :8].clone()))
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    for got, want in zip(refs[1], refs[0]):
+        torch.testing.assert_close(got.float(), want.float(), **tol)

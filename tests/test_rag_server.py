@@ -50,6 +50,7 @@ class ScriptedBackend:
         self.vocab_size = vocab_size
         self.scratch_slot = buckets.max_num_seqs
         self.pads_to_buckets = True
+        self.runs_mixed = False
         self.script: list[int] = []
         self.prompt_len: dict[int, int] = {}
 

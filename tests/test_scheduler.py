@@ -17,10 +17,10 @@ from scheduler import (
 EOS = 2
 
 
-def make_scheduler(max_num_seqs=4, max_model_len=256, streak=1, prefill_batch=4):
+def make_scheduler(max_num_seqs=4, max_model_len=256, streak=1, prefill_batch=4, **kw):
     buckets = BucketConfig.default(max_model_len, max_num_seqs, min_bucket=16,
                                    max_prefill_batch=prefill_batch)
-    return Scheduler(buckets, eos_token_ids=[EOS], max_prefill_streak=streak)
+    return Scheduler(buckets, eos_token_ids=[EOS], max_prefill_streak=streak, **kw)
 
 
 def req(rid, n_prompt=10, max_tokens=4, **kw):
@@ -30,7 +30,7 @@ def req(rid, n_prompt=10, max_tokens=4, **kw):
 
 def run(out: SchedulerOutput, token=7, tokens=None) -> ModelRunnerOutput:
     """A hand-made runner output: every row samples ``token`` (or ``tokens[request_id]``)."""
-    ids = [r.request_id for r in out.rows]
+    ids = [r.request_id for r in out.scheduled_rows]
     toks = [tokens.get(i, token) if tokens else token for i in ids]
     return ModelRunnerOutput(ids, toks)
 
@@ -303,3 +303,80 @@ def test_sampling_params_validation():
     assert SamplingParams(top_k=-1).top_k == 0
     assert SamplingParams(stop="x").stop == ("x",)
     assert SamplingParams(temperature=0).greedy
+
+
+# -- mixed steps (a backend with forward_mixed) ----------------------------------------------
+
+
+def test_mixed_admits_prompts_into_the_running_decode_step():
+    s = make_scheduler(max_num_seqs=4, mixed=True)
+    s.add_request(req("a", n_prompt=10, max_tokens=5))
+    out, _ = step(s)  # nothing runs yet: a plain prefill
+    assert (out.phase, [r.request_id for r in out.rows], out.decode_rows) == ("prefill", ["a"], ())
+    s.add_request(req("b", n_prompt=20, max_tokens=5))
+    s.add_request(req("c", n_prompt=30, max_tokens=5))
+    out, steps = step(s)
+    assert out.phase == "mixed" and out.is_prefill
+    decode = [(r.request_id, r.start_pos, len(r.token_ids)) for r in out.decode_rows]
+    assert decode == [("a", 10, 1)]
+    assert [(r.request_id, r.start_pos) for r in out.rows] == [("b", 0), ("c", 0)]
+    assert [r.request_id for r in out.scheduled_rows] == ["a", "b", "c"]
+    assert out.bucket == Bucket(PREFILL, 2, 32)  # any number of prompts, no batch bucket
+    assert [(o.request_id, o.num_output_tokens) for o in steps] == [("a", 2), ("b", 1), ("c", 1)]
+    it = s.last_iteration
+    assert (it.phase, it.num_rows, it.num_prompt_tokens, it.num_decode_rows,
+            it.num_generation_tokens, it.num_tokens) == ("mixed", 3, 50, 1, 3, 51)
+    out, _ = step(s)  # nothing waits: a plain decode of all three
+    assert out.phase == "decode" and [r.slot for r in out.rows] == [0, 1, 2]
+
+
+def test_mixed_budget_is_first_come_first_served():
+    s = make_scheduler(max_num_seqs=8, mixed=True, max_num_batched_tokens=64)
+    s.add_request(req("r", n_prompt=10, max_tokens=9))
+    step(s)
+    for rid, n in (("a", 30), ("b", 40), ("c", 5)):
+        s.add_request(req(rid, n_prompt=n))
+    out, _ = step(s)
+    # budget 64 - 1 decode row: a (30) fits, b (40) does not, and c may not overtake b
+    assert [r.request_id for r in out.rows] == ["a"]
+    out, _ = step(s)
+    assert [r.request_id for r in out.decode_rows] == ["r", "a"]
+    assert [r.request_id for r in out.rows] == ["b", "c"]  # 62 tokens + 2 rows = 64
+
+
+def test_mixed_admits_the_head_even_past_the_budget():
+    s = make_scheduler(max_num_seqs=4, mixed=True, max_num_batched_tokens=16)
+    s.add_request(req("a", n_prompt=10, max_tokens=9))
+    step(s)
+    s.add_request(req("long", n_prompt=100))
+    s.add_request(req("short", n_prompt=2))
+    out, _ = step(s)
+    assert [r.request_id for r in out.rows] == ["long"]  # never waits for the budget
+    out, _ = step(s)
+    assert [r.request_id for r in out.rows] == ["short"]
+
+
+def test_mixed_respects_free_slots_and_a_failed_step_fails_only_its_prompts():
+    s = make_scheduler(max_num_seqs=3, mixed=True)
+    s.add_request(req("a", n_prompt=10, max_tokens=9))
+    step(s)
+    for rid in "bcd":
+        s.add_request(req(rid))
+    out = s.schedule()
+    assert [r.request_id for r in out.rows] == ["b", "c"] and s.stats().num_waiting == 1
+    steps, retry = s.fail_mixed_step(out)  # the runner raised on the mixed step
+    assert sorted((o.request_id, o.finish_reason) for o in steps) == [
+        ("b", FinishReason.ERROR), ("c", FinishReason.ERROR)]
+    # the running request retries alone, at the same position
+    assert (retry.phase, [(r.request_id, r.start_pos) for r in retry.rows]) == (
+        "decode", [("a", 10)])
+    steps = s.update(retry, run(retry))
+    assert [(o.request_id, o.num_output_tokens) for o in steps] == [("a", 2)]
+    out, _ = step(s)
+    assert [r.request_id for r in out.rows] == ["d"]
+    assert [(r.request_id, r.start_pos) for r in out.decode_rows] == [("a", 11)]
+
+
+def test_max_num_batched_tokens_must_be_positive():
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be >= 1"):
+        make_scheduler(mixed=True, max_num_batched_tokens=0)

@@ -54,6 +54,8 @@ def test_engine_kwargs_map_our_flags():
                       tensor_parallel_size=2, dtype="float32", kv_cache_dtype="auto",
                       disable_log_stats=False)  # no max_model_len: vLLM's default (the model's)
     assert engine_kwargs(cfg(max_model_len=512), "/m", "s", FIELDS)["max_model_len"] == 512
+    assert engine_kwargs(cfg(max_num_batched_tokens=4096), "/m", "s",
+                         FIELDS)["max_num_batched_tokens"] == 4096
     # releases that still take a device get ours
     assert engine_kwargs(cfg(), "/m", "s", FIELDS | {"device"})["device"] == "cpu"
 

@@ -10,7 +10,17 @@ bucket by the model runner:
   for decode, row ``i`` is slot ``i``, as in transformers-neuronx's padded token generation;
 - ``last_token_id`` ``[B]``: which position's logits to return for each row.
 
-Returns float32 logits ``[B, vocab]``. Everything above the backend (scheduler, runner, server)
+Returns float32 logits ``[B, vocab]``.
+
+A backend with ``runs_mixed`` also runs ragged steps,
+``forward_mixed(input_ids, cache_ids, start_ids, num_decode, prompt_lens)``: flat ``[N]``
+tensors holding one token for each of ``num_decode`` decode rows (row ``i`` is slot ``i``;
+``cache_ids`` -1 marks a row with no request), then every token of each prompt (its positions
+from 0, its slot on every token). It returns logits ``[num_decode + len(prompt_lens), vocab]``:
+each decode row's, then each prompt's last token's. The scheduler then puts waiting prompts
+into the running requests' decode steps (vLLM's mixed batches).
+
+Everything above the backend (scheduler, runner, server)
 is the same code for every backend.
 """
 
@@ -32,6 +42,7 @@ class Backend(Protocol):
     # bucket); False: calls run at their exact shapes (eager PyTorch), so the runner leaves the
     # bucket padding out
     pads_to_buckets: bool
+    runs_mixed: bool  # forward_mixed is available (only without static graphs)
 
     def forward(
         self,
@@ -39,6 +50,15 @@ class Backend(Protocol):
         cache_ids: torch.Tensor,
         start_ids: torch.Tensor,
         last_token_id: torch.Tensor,
+    ) -> torch.Tensor: ...
+
+    def forward_mixed(
+        self,
+        input_ids: torch.Tensor,
+        cache_ids: torch.Tensor,
+        start_ids: torch.Tensor,
+        num_decode: int,
+        prompt_lens: list[int],
     ) -> torch.Tensor: ...
 
     def warmup(self) -> None:

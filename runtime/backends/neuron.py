@@ -350,6 +350,7 @@ class NeuronBackend:
         self.vocab_size = vocab_size
         self.scratch_slot = buckets.max_num_seqs
         self.pads_to_buckets = True  # one compiled graph per bucket
+        self.runs_mixed = False  # prefill and decode are separate graphs
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache_ids: torch.Tensor,
@@ -371,6 +372,12 @@ class NeuronBackend:
             logits = self.model(ids, cache_ids=pos, start_ids=torch.tensor([slot]))
             out[i] = logits[0, : self.vocab_size].float()
         return out
+
+    def forward_mixed(self, input_ids: torch.Tensor, cache_ids: torch.Tensor,
+                      start_ids: torch.Tensor, num_decode: int, prompt_lens: list[int]
+                      ) -> torch.Tensor:
+        raise NotImplementedError("Neuron runs prefill and decode as separate static graphs; "
+                                  "the scheduler never sends it a mixed step")
 
     def start_background_compile(self) -> None:
         """Nothing to build after load: every graph is neuronx-cc's, compiled before ready."""

@@ -44,6 +44,7 @@ class TorchBackend:
         self.buckets = buckets
         self.compile = compile
         self.pads_to_buckets = compile
+        self.runs_mixed = not compile  # forward_mixed: decode rows and prompts in one call
         self.device = model.tok_embeddings.weight.device
         self.vocab_size = model.args.vocab_size
         self.scratch_slot = buckets.max_num_seqs  # one slot past the real ones
@@ -313,6 +314,24 @@ class TorchBackend:
                              f"({self.buckets.max_model_len})")
         step = self._decode_compiled or self.model
         return step(*args, ctx_len=ctx)
+
+    @torch.inference_mode()
+    def forward_mixed(self, input_ids: torch.Tensor, cache_ids: torch.Tensor,
+                      start_ids: torch.Tensor, num_decode: int, prompt_lens: list[int]
+                      ) -> torch.Tensor:
+        if not self.runs_mixed:
+            raise NotImplementedError("static per-bucket graphs (--compile) run prefill and "
+                                      "decode as separate calls")
+        dev = self.device
+        pos = cache_ids.to(dev)
+        if num_decode:
+            ctx = int(pos[:num_decode].max()) + 1
+            if ctx > self.buckets.max_model_len:
+                raise ValueError(f"context length {ctx} exceeds max_model_len "
+                                 f"({self.buckets.max_model_len})")
+            pos[:num_decode].masked_fill_(pos[:num_decode] < 0, self.model.spare_position)
+        return self.model.forward_mixed(input_ids.to(dev), pos, start_ids.to(dev), num_decode,
+                                        prompt_lens)
 
     def warmup(self) -> None:
         """Make sure no request meets a compile stall. Static graphs: run every bucket once
