@@ -3,9 +3,9 @@
 Order of operations (vLLM's): penalties -> greedy argmax, or temperature -> top-k / top-p ->
 min-p -> sample. Logprobs are taken from the raw logits (vLLM's default ``raw_logprobs``).
 
-Sampling uses the exponential-race trick (``argmax(p / q)``, ``q ~ Exp(1)``): the batch draws one
-noise tensor, and rows with a ``seed`` draw theirs from their own generator, so a seeded
-request gives the same tokens whatever else shares its batch.
+Sampling inverts each row's CDF at one uniform draw: the batch draws its uniforms together, and
+rows with a ``seed`` draw theirs from their own generator, so a seeded request gives the same
+tokens whatever else shares its batch.
 """
 
 from __future__ import annotations
@@ -162,9 +162,16 @@ class Sampler:
         if any(p.min_p > 0 for p in params):
             logits = apply_min_p(logits, torch.tensor([p.min_p for p in params],
                                                       dtype=logits.dtype, device=logits.device))
-        probs = logits.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_()
+        # Inverse-CDF sampling: one uniform draw per row. (The exponential-race trick,
+        # ``argmax(probs / Exp(1))``, draws a variate per vocabulary entry: ~1 ms per row on
+        # CPU, 15 ms of a 16-row decode step; this is ~0.03 ms per row.) The CDF is float64
+        # so late-vocabulary tokens get their probability to ~1e-12, and the right-side search
+        # never lands on a token of probability 0.
+        cdf = logits.softmax(dim=-1).cumsum(dim=-1, dtype=torch.float64)
+        u = torch.rand(len(states), 1, dtype=torch.float64, device=cdf.device)
         for i, st in enumerate(states):
             if st.generator is not None:
-                noise[i].exponential_(generator=st.generator)
-        return (probs / noise).argmax(dim=-1)
+                u[i] = torch.rand(1, dtype=torch.float64, device=cdf.device,
+                                  generator=st.generator)
+        idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+        return idx.clamp_(max=logits.shape[-1] - 1)
