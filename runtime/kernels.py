@@ -13,7 +13,8 @@ Shape classes and their candidates:
   decode step (M = running rows): ``packed`` (weights reordered once for oneDNN) or ``plain``
   (``F.linear``). Both copies are kept only when the two phases choose differently.
 - ``decode_attention``: one query per row against the cache: ``matmul`` (``k @ q^T``, float32
-  softmax) or ``sdpa`` (``scaled_dot_product_attention`` with a mask).
+  softmax), ``sdpa`` (``scaled_dot_product_attention`` with a mask) or ``grouped`` (the same
+  with each KV head's query heads as its query sequence: no K/V repeat).
 - ``decode_step``: the whole decode forward ``eager`` or ``compiled`` (``torch.compile``
   with dynamic shapes: one graph for every batch size from 2 up and every context length, one
   more for batch 1; fused elementwise ops, the chosen linear kept as an opaque op). It compiles
@@ -44,7 +45,7 @@ import torch
 log = logging.getLogger(__name__)
 
 LINEAR = ("packed", "plain")
-ATTENTION = ("matmul", "sdpa")
+ATTENTION = ("matmul", "sdpa", "grouped")
 STEP = ("eager", "compiled")
 CHOICES: dict[str, tuple[str, ...]] = {
     "prefill_linear": LINEAR,
@@ -90,7 +91,7 @@ def parse_kernels(spec: str) -> dict[str, str]:
     >>> parse_kernels("attention=fast")
     Traceback (most recent call last):
     ...
-    ValueError: --kernels: attention must be one of matmul, sdpa, got 'fast'
+    ValueError: --kernels: attention must be one of matmul, sdpa, grouped, got 'fast'
     """
     spec = spec.strip()
     if spec in ("", "auto"):

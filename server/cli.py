@@ -35,8 +35,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile one static graph per bucket (as on Neuron)")
     p.add_argument("--kernels", default="auto",
-                   help="auto, or KEY=VALUE items: linear=packed|plain, attention=matmul|sdpa, "
-                        "step=eager|compiled")
+                   help="auto, or KEY=VALUE items: linear=packed|plain, "
+                        "attention=matmul|sdpa|grouped, step=eager|compiled")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file")
     p.add_argument("--cache-dir", type=Path, default=None)
 

@@ -254,7 +254,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", default=d.kernels,
                    help="auto (time the candidates on this machine, cached per CPU), or "
                         "KEY=VALUE items pinning some: linear=packed|plain, "
-                        "attention=matmul|sdpa, step=eager|compiled (docs/performance.md)")
+                        "attention=matmul|sdpa|grouped, step=eager|compiled (docs/performance.md)")
     p.add_argument("--cache-dir", type=Path, default=d.cache_dir)
     p.add_argument("--log-level", default=d.log_level)
     r = p.add_argument_group("retrieval-augmented generation")

@@ -27,7 +27,7 @@ def rigged(winner: dict[str, str]):
     def time_calls(candidates, reps=7):
         for fn in candidates.values():
             fn()  # every candidate still runs once
-        key = "linear" if "packed" in candidates else "attention" if "sdpa" in candidates \
+        key = "linear" if "packed" in candidates else "attention" if "grouped" in candidates \
             else "step"
         return {c: 0.001 if c == winner[key] else 0.002 for c in candidates}
     return time_calls
@@ -37,7 +37,7 @@ def rigged(winner: dict[str, str]):
                     reason="needs oneDNN packing")
 @pytest.mark.parametrize("winner", [
     {"linear": "plain", "attention": "sdpa", "step": "eager"},
-    {"linear": "packed", "attention": "matmul", "step": "compiled"},
+    {"linear": "packed", "attention": "grouped", "step": "compiled"},
 ])
 def test_the_fastest_candidate_is_used_and_cached(tiny_llama_dir, tmp_path, monkeypatch, winner):
     monkeypatch.setattr(K, "time_calls", rigged(winner))

@@ -35,7 +35,7 @@ def hf_model(tiny_llama_dir: Path):
 KERNELS = [
     "linear=packed,attention=matmul,step=eager",
     "linear=plain,attention=sdpa,step=eager",
-    "prefill_linear=plain,decode_linear=packed,attention=sdpa,step=compiled",
+    "prefill_linear=plain,decode_linear=packed,attention=grouped,step=compiled",
     "linear=plain,attention=matmul,step=compiled",
 ]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.model import Linear, decode_attention, onednn_packing_available
+from runtime.model import DECODE_ATTENTION, Linear, onednn_packing_available
 from scheduler import SamplingParams
 from server.engine import Engine, EngineConfig
 
@@ -26,8 +26,9 @@ def test_packed_linear_matches_f_linear(dtype, rows):
     torch.testing.assert_close(lin(x).float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("name", sorted(DECODE_ATTENTION))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_matches_sdpa(dtype):
+def test_decode_attention_matches_sdpa(dtype, name):
     torch.manual_seed(0)
     B, H, Hkv, L, hd = 3, 8, 2, 40, 16
     q = torch.randn(B, H, 1, hd, dtype=dtype)
@@ -36,7 +37,7 @@ def test_decode_attention_matches_sdpa(dtype):
     mask = (torch.arange(L) <= pos[..., None]).unsqueeze(1)  # [B, 1, 1, L]
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                          enable_gqa=True)
-    got = decode_attention(q, k, v, mask).float()
+    got = DECODE_ATTENTION[name](q, k, v, mask).float()
     torch.testing.assert_close(got, ref, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
 
 
