@@ -150,11 +150,17 @@ def time_calls(candidates: dict[str, Callable[[], Any]], reps: int = 7) -> dict[
 
 def time_summed(rounds: list[dict[str, Callable[[], Any]]], reps: int = 5) -> dict[str, float]:
     """:func:`time_calls` over several shapes (one dict of candidates each), summed per
-    candidate."""
+    candidate with every shape weighted equally: each shape's times are scaled so that its
+    fastest candidate takes the mean of the shapes' fastest times. (A plain sum lets the
+    largest shape decide alone: at 1, 16 and 64 rows, the 64-row timing would.) A candidate
+    fastest on every shape scores its plain sum."""
+    times = [time_calls(candidates, reps) for candidates in rounds]
+    best = [min(t.values()) for t in times]
+    mean_best = sum(best) / len(best)
     total: dict[str, float] = {}
-    for candidates in rounds:
-        for key, seconds in time_calls(candidates, reps).items():
-            total[key] = total.get(key, 0.0) + seconds
+    for t, b in zip(times, best):
+        for key, seconds in t.items():
+            total[key] = total.get(key, 0.0) + seconds * mean_best / b
     return total
 
 
@@ -182,6 +188,7 @@ def cache_key(model: torch.nn.Module, *, device: torch.device, kv_dtype: torch.d
     a = model.args
     return {
         "version": CACHE_VERSION,
+        "candidates": {k: list(v) for k, v in CHOICES.items()},  # a new candidate: time again
         "cpu": cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
         "native_bf16": cpu_has_native_bf16(),
         "cores": os.cpu_count(),

@@ -82,6 +82,22 @@ def test_pins_win_over_timing_and_the_cache_key_separates_machines(tiny_llama_di
     other = dict(key, cpu="another CPU")
     assert K.cache_path(tmp_path, other) != K.cache_path(tmp_path, key)
     assert K.load_cached(K.cache_path(tmp_path, key), other) == ({}, {})
+    # a release with another candidate list times again
+    assert key["candidates"]["decode_attention"] == list(K.ATTENTION)
+    fewer = dict(key, candidates={**key["candidates"], "decode_attention": ["matmul", "sdpa"]})
+    assert K.cache_path(tmp_path, fewer) != K.cache_path(tmp_path, key)
+
+
+def test_every_timed_shape_weighs_the_same(monkeypatch):
+    # shape 1 (small): a is 3x faster than b; shape 2 (large): b is 1.5x faster than a. A plain
+    # sum (a 0.001 + 0.150, b 0.003 + 0.100) would pick b on the large shape alone.
+    times = iter([{"a": 0.001, "b": 0.003}, {"a": 0.150, "b": 0.100}])
+    monkeypatch.setattr(K, "time_calls", lambda candidates, reps: next(times))
+    total = K.time_summed([{}, {}])
+    assert K.fastest(total) == "a"
+    mean_best = (0.001 + 0.100) / 2
+    assert total["a"] == pytest.approx(mean_best * (1 + 1.5))
+    assert total["b"] == pytest.approx(mean_best * (3 + 1))
 
 
 def test_a_failed_compile_leaves_eager_serving(tiny_llama_dir, tmp_path, monkeypatch, caplog):

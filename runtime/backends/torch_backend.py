@@ -161,15 +161,15 @@ class TorchBackend:
             return K.time_summed(rounds)
 
     def _time_attention(self) -> dict[str, float]:
-        """Seconds for every layer's decode attention at 1 and ``max_num_seqs`` rows over a
-        mid-sized context."""
+        """Seconds for every layer's decode attention at 1, a quarter of ``max_num_seqs`` and
+        ``max_num_seqs`` rows over a mid-sized context."""
         from runtime.model import DECODE_ATTENTION
 
         a, b = self.model.args, self.buckets
         ctx = min(b.max_model_len, 512)
         caches = [layer.attention.cache for layer in self.model.layers]
         rounds = []
-        for rows in sorted({1, b.max_num_seqs}):
+        for rows in sorted({1, max(1, b.max_num_seqs // 4), b.max_num_seqs}):
             q = torch.randn(rows, a.n_heads, 1, a.head_dim, dtype=self._kv_dtype(),
                             device=self.device)
             mask = torch.ones(rows, 1, 1, ctx, dtype=torch.bool, device=self.device)
