@@ -108,3 +108,26 @@ def test_logprobs_rank_and_top_alternatives():
     assert none.logprobs is None
     zero = Sampler()(logits, [state(temperature=0, logprobs=0)]).logprobs[0]
     assert zero.top == () and math.isfinite(zero.logprob)
+
+
+def test_inverse_cdf_sample_is_exact_at_the_edges():
+    from runtime.sampler import CDF_BLOCK, inverse_cdf_sample
+
+    vocab = 2 * CDF_BLOCK + 7  # not a multiple of the block: the tail block is padded
+    probs = torch.zeros(1, vocab)
+    probs[0, [3, CDF_BLOCK, vocab - 1]] = torch.tensor([0.25, 0.25, 0.5])
+    def draw(u):
+        return inverse_cdf_sample(probs, torch.tensor([[u]], dtype=torch.float64)).item()
+    assert [draw(u) for u in (0.0, 0.2499, 0.25, 0.4999, 0.5, 0.75)] == [
+        3, 3, CDF_BLOCK, CDF_BLOCK, vocab - 1, vocab - 1]
+    assert draw(1 - 2**-53) == vocab - 1  # never past the last token of positive probability
+    probs[0, vocab - 1] = 0  # the row's total is 0.5: u scales to it
+    assert draw(0.99) == CDF_BLOCK and draw(0.1) == 3
+    # every token of a random row is reachable at its own CDF interval
+    probs = torch.rand(3, vocab).softmax(-1)
+    cdf = probs.double().cumsum(-1)
+    for row, tok in ((0, 0), (1, CDF_BLOCK - 1), (2, vocab - 1), (1, CDF_BLOCK + 5)):
+        lo = cdf[row, tok - 1].item() if tok else 0.0
+        u = (lo + cdf[row, tok].item()) / 2 / cdf[row, -1].item()
+        got = inverse_cdf_sample(probs[row:row + 1], torch.tensor([[u]], dtype=torch.float64))
+        assert got.item() == tok
