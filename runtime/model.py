@@ -90,8 +90,8 @@ def decode_attention_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              mask: torch.Tensor) -> torch.Tensor:
     """``scaled_dot_product_attention`` with each KV head's group of query heads as its query
     sequence: GQA without repeating K and V, and CPU's flash kernel instead of the math path
-    that a mask with ``enable_gqa`` takes (3-5x faster than :func:`decode_attention_sdpa` in
-    bf16 on one Zen 4; BENCHMARKS.md)."""
+    that a mask with ``enable_gqa`` takes (4-5x faster than :func:`decode_attention_sdpa` in
+    bf16 on the dev VM's AMD EPYC; BENCHMARKS.md)."""
     B, H, _, hd = q.shape
     n_kv = k.shape[1]
     y = F.scaled_dot_product_attention(q.reshape(B, n_kv, H // n_kv, hd), k, v, attn_mask=mask)
@@ -221,10 +221,7 @@ class Attention(nn.Module):
         # otherwise decode (T == 1) over cache[:B, :, :ctx_len] with mask [B, 1, 1, ctx_len]
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        qk, v = self.wqkv(x).split([(H + Hkv) * hd, Hkv * hd], dim=-1)
-        qk = apply_rope(qk.view(B, T, H + Hkv, hd), cos, sin)  # q and k rotated together
-        q, k = qk.split([H, Hkv], dim=2)
-        v = v.view(B, T, Hkv, hd)
+        q, k, v = self._qkv(x, cos, sin)
         self.cache.write(slots, positions, k, v)
         if ctx_len is None:  # positions are 0..T-1: plain causal attention
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
@@ -236,17 +233,23 @@ class Attention(nn.Module):
                                  cache.v[:B, :, :ctx_len], mask).to(x.dtype)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * hd))
 
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[B, T, H, hd]``, rotated k and v ``[B, T, Hkv, hd]`` for x ``[B, T, D]``."""
+        B, T, _ = x.shape
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qk, v = self.wqkv(x).split([(H + Hkv) * hd, Hkv * hd], dim=-1)
+        qk = apply_rope(qk.view(B, T, H + Hkv, hd), cos, sin)  # q and k rotated together
+        q, k = qk.split([H, Hkv], dim=2)
+        return q, k, v.view(B, T, Hkv, hd)
+
     def forward_mixed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       mask: torch.Tensor | None, slots: torch.Tensor, positions: torch.Tensor,
                       num_decode: int, ctx_len: int, prompt_lens: list[int]) -> torch.Tensor:
         # x: [1, N, D]: num_decode decode rows (row i is slot i), then each prompt's tokens;
         # slots, positions: [N]; mask: [num_decode, 1, 1, ctx_len]
-        _, N, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        qk, v = self.wqkv(x).split([(H + Hkv) * hd, Hkv * hd], dim=-1)
-        qk = apply_rope(qk.view(1, N, H + Hkv, hd), cos, sin)
-        q, k = qk[0].split([H, Hkv], dim=1)  # [N, H, hd], [N, Hkv, hd]
-        v = v.view(N, Hkv, hd)
+        q, k, v = (t[0] for t in self._qkv(x, cos, sin))  # [N, H or Hkv, hd]
         self.cache.write_tokens(slots, positions, k, v)
         ys = []
         if num_decode:  # the decode rows read the cache, as in forward
@@ -371,11 +374,11 @@ class Llama(nn.Module):
         return self.output(self.norm(x)).float()
 
     def forward_mixed(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                      slots: torch.Tensor, num_decode: int, prompt_lens: list[int]
-                      ) -> torch.Tensor:
+                      slots: torch.Tensor, num_decode: int, ctx_len: int,
+                      prompt_lens: list[int]) -> torch.Tensor:
         """Logits ``[num_decode + len(prompt_lens), vocab]`` (float32) of a ragged step: one
-        token for each of ``num_decode`` decode rows (row i is slot i, reading the cache up to
-        the longest of them), then the last token of each prompt.
+        token for each of ``num_decode`` decode rows (row i is slot i, reading ``ctx_len``
+        positions of the cache: the longest of them), then the last token of each prompt.
 
         input_ids, positions, slots: ``[N]``, the decode rows' tokens first, then each prompt's
         (positions from 0, all in the prompt's slot). A decode row with no request in its slot
@@ -387,11 +390,10 @@ class Llama(nn.Module):
         x = self.tok_embeddings(input_ids)[None]  # [1, N, D]
         cos = self.rope_cos[positions][None, :, None]  # [1, N, 1, hd]
         sin = self.rope_sin[positions][None, :, None]
-        mask, ctx_len = None, 0
+        mask = None
         if num_decode:
-            dec = positions[:num_decode]
-            ctx_len = int(dec.masked_fill(dec == self.spare_position, 0).max()) + 1
-            mask = (self.key_pos[:ctx_len] <= dec[:, None]).view(num_decode, 1, 1, ctx_len)
+            dec = positions[:num_decode, None]
+            mask = (self.key_pos[:ctx_len] <= dec).view(num_decode, 1, 1, ctx_len)
         for layer in self.layers:
             x = layer.forward_mixed(x, cos, sin, mask, slots, positions, num_decode, ctx_len,
                                     prompt_lens)

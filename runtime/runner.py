@@ -73,8 +73,9 @@ class BucketedBatch:
 
 @dataclass(frozen=True)
 class RaggedBatch:
-    """A mixed step flattened for ``Backend.forward_mixed``: one token per decode row (row i
-    is slot i, ``cache_ids`` -1 where no request holds the slot), then every prompt's tokens.
+    """A step with prompts flattened for ``Backend.forward_mixed``: one token per decode row
+    (row i is slot i, ``cache_ids`` -1 where no request holds the slot), then every prompt's
+    tokens.
     ``rows[i]`` is where scheduled row i's logits are."""
 
     input_ids: torch.Tensor  # [N]
@@ -90,8 +91,7 @@ class RaggedBatch:
 
     @classmethod
     def pack(cls, out: SchedulerOutput) -> RaggedBatch:
-        dec = out.decode_rows if out.is_prefill else out.rows
-        prompts = out.rows if out.is_prefill else ()
+        dec, prompts = out.decode_rows, out.rows
         n_dec = max((r.slot for r in dec), default=-1) + 1
         ids, pos, slots = [0] * n_dec, [-1] * n_dec, list(range(n_dec))
         for r in dec:

@@ -90,7 +90,7 @@ def test_mixed_step_matches_separate_prefill_and_decode(dtype):
                 pos = [5, model.spare_position, 3, *range(6), *range(2)]
                 slots = [0, 1, 2] + [1] * 6 + [3] * 2
                 logits = model.forward_mixed(torch.tensor(ids), torch.tensor(pos),
-                                             torch.tensor(slots), 3, [6, 2])
+                                             torch.tensor(slots), 3, 6, [6, 2])
                 logits = logits[[0, 2, 3, 4]]
             else:
                 dec = model(torch.tensor([[20], [0], [21]]), torch.tensor([[5], [0], [3]]),

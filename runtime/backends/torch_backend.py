@@ -323,15 +323,14 @@ class TorchBackend:
             raise NotImplementedError("static per-bucket graphs (--compile) run prefill and "
                                       "decode as separate calls")
         dev = self.device
+        ctx = int(cache_ids[:num_decode].max()) + 1 if num_decode else 0
+        if ctx > self.buckets.max_model_len:
+            raise ValueError(f"context length {ctx} exceeds max_model_len "
+                             f"({self.buckets.max_model_len})")
         pos = cache_ids.to(dev)
-        if num_decode:
-            ctx = int(pos[:num_decode].max()) + 1
-            if ctx > self.buckets.max_model_len:
-                raise ValueError(f"context length {ctx} exceeds max_model_len "
-                                 f"({self.buckets.max_model_len})")
-            pos[:num_decode].masked_fill_(pos[:num_decode] < 0, self.model.spare_position)
+        pos = pos.masked_fill(pos < 0, self.model.spare_position)  # decode rows of free slots
         return self.model.forward_mixed(input_ids.to(dev), pos, start_ids.to(dev), num_decode,
-                                        prompt_lens)
+                                        ctx, prompt_lens)
 
     def warmup(self) -> None:
         """Make sure no request meets a compile stall. Static graphs: run every bucket once
