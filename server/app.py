@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import ServerConfig
@@ -149,9 +150,25 @@ def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
     async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         if errors and errors[0].get("type") == "json_invalid":
-            return error_response(400, "the body is not valid JSON")
+            reason = (errors[0].get("ctx") or {}).get("error")
+            return error_response(400, "the body is not valid JSON" +
+                                  (f": {reason}" if reason else ""))
         message, param = validation_message(errors)
         return error_response(400, message, param)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        """Starlette's and FastAPI's own errors (unknown path, wrong method, a body FastAPI
+        could not read) in OpenAI's shape instead of ``{"detail": ...}``."""
+        if exc.status_code == 404:
+            message = f"no route {request.url.path} (see /openapi.json)"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+            message = f"method {request.method} is not allowed on {request.url.path}" + (
+                f" (allowed: {allowed})" if allowed else "")
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, message, headers=exc.headers)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, exc: ClientDisconnected):

@@ -62,12 +62,7 @@ def chat_prompt_ids(tokenizer: Any, req: ChatCompletionRequest, default_template
 def completion_prompts(tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]]
                        ) -> list[list[int]]:
     """One token-id list per prompt (OpenAI allows a string, strings, ids or lists of ids)."""
-    if isinstance(prompt, str):
-        prompts: list = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
-        prompts = [prompt]
-    else:
-        prompts = list(prompt)
+    prompts = prompt_list(prompt)
     if not prompts:
         raise bad_request("prompt must not be empty", "prompt")
     vocab = len(tokenizer)
@@ -82,6 +77,28 @@ def completion_prompts(tokenizer: Any, prompt: str | list[str] | list[int] | lis
                               "prompt")
         out.append(ids)
     return out
+
+
+def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]
+                ) -> list[str | list[int]]:
+    """The prompts of a completions request, one entry per prompt, as the client sent them.
+
+    >>> prompt_list("hi"), prompt_list([1, 2]), prompt_list(["a", "b"])
+    (['hi'], [[1, 2]], ['a', 'b'])
+    """
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    return list(prompt)
+
+
+def echo_texts(tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]]
+               ) -> list[str]:
+    """What ``echo`` returns for each prompt: a string exactly as sent (not the decoded ids,
+    which would carry the BOS the server added), token ids decoded as they are."""
+    return [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=False)
+            for p in prompt_list(prompt)]
 
 
 def check_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:

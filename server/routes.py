@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.body import JSONRoute
 from server.errors import APIError, bad_request
 from server.preprocess import chat_prompt_ids
 from server.protocol import (
@@ -28,7 +29,7 @@ from server.protocol import (
     TokenizeResponse,
 )
 
-router = APIRouter()
+router = APIRouter(route_class=JSONRoute)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
@@ -91,8 +92,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     serving = request.app.state.serving
     info = serving.admit(body.model)
     if body.messages is not None:
-        chat = ChatCompletionRequest(messages=body.messages,
-                                     add_generation_prompt=body.add_generation_prompt)
+        chat = ChatCompletionRequest.model_construct(  # messages are validated already
+            messages=body.messages, add_generation_prompt=body.add_generation_prompt,
+            chat_template=None)
         ids = chat_prompt_ids(info.tokenizer, chat, serving.chat_template)
     else:
         ids = info.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
@@ -161,8 +163,8 @@ async def invocations(request: Request) -> Any:
 
     try:
         payload = await request.json()
-    except ValueError:
-        raise bad_request("the body is not valid JSON") from None
+    except ValueError as e:  # server.body.BodyError: says why
+        raise bad_request(f"the body is not valid JSON: {getattr(e, 'msg', e)}") from None
     if not isinstance(payload, dict) or not ({"messages", "prompt"} & payload.keys()):
         raise bad_request("expected a chat completions body (with `messages`) or a "
                           "completions body (with `prompt`)")

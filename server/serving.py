@@ -28,6 +28,7 @@ from server.preprocess import (
     chat_prompt_ids,
     check_unsupported,
     completion_prompts,
+    echo_texts,
     message_dicts,
     sampling_params,
 )
@@ -320,8 +321,7 @@ class OpenAIServing:
                   for ids in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = self._submit(rid, prompts, params, arrival)
-        echoes = ([info.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
-                  if req.echo else [""] * len(prompts))
+        echoes = echo_texts(info.tokenizer, req.prompt) if req.echo else [""] * len(prompts)
         n_prompt = sum(len(ids) for ids in prompts)
         if req.stream:
             return StreamingResponse(self._completion_stream(rid, req, n_prompt, echoes,

@@ -213,9 +213,80 @@ def test_400_for_malformed_json(server: str):
     assert r.status_code == 400 and "error" in r.json()
 
 
+BODY_ROUTES = ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize",
+               "/v1/retrieve", "/invocations"]
+HOSTILE = {
+    "truncated": (b'{"model": "tiny", "prompt": "hi"', "Expecting"),
+    "invalid UTF-8": (b'{"prompt": "\xff\xfe"}', "not valid UTF-8 (byte 12)"),
+    "NaN": (b'{"model": "tiny", "prompt": "hi", "temperature": NaN}', "NaN is not valid JSON"),
+    "Infinity": (b'{"model": "tiny", "prompt": "hi", "top_p": -Infinity}', "-Infinity is not"),
+    "deep 40": (b"[" * 40 + b"]" * 40, "nests deeper than 32 levels"),
+    "deep 1,500": (b"[" * 1500 + b"]" * 1500, "nests deeper than 32 levels"),
+    "deep 3,000": (b'{"a":' * 3_000 + b"1" + b"}" * 3_000, "nests deeper than 32"),  # 19 kB
+    "empty": (b"", "the body is empty"),
+}
+
+
+def assert_openai_error(r: httpx.Response, status: int, text: str = "") -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and text in err["message"], err
+    return err
+
+
+@pytest.mark.parametrize("route", BODY_ROUTES)
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_bodies_get_an_openai_400_on_every_route(server: str, route: str, case: str):
+    body, text = HOSTILE[case]
+    r = httpx.post(f"{server}{route}", content=body, timeout=30,
+                   headers={**AUTH, "content-type": "application/json"})
+    assert_openai_error(r, 400, text)
+
+
+@pytest.mark.parametrize("route", BODY_ROUTES)
+def test_non_object_bodies_and_wrong_content_types(server: str, route: str):
+    for body in (b"[1, 2]", b'"text"', b"17", b"null"):
+        r = httpx.post(f"{server}{route}", content=body, timeout=30,
+                       headers={**AUTH, "content-type": "application/json"})
+        assert_openai_error(r, 400)
+    r = httpx.post(f"{server}{route}", content=b'{"prompt": "hi"}', timeout=30,
+                   headers={**AUTH, "content-type": "text/plain"})
+    assert_openai_error(r, 415, "Content-Type 'text/plain' is not supported")
+
+
+def test_json_without_a_content_type_is_read_as_json(server: str):
+    r = httpx.post(f"{server}/tokenize", content=b'{"prompt": "hello"}', timeout=30,
+                   headers=AUTH)
+    assert r.status_code == 200 and r.json()["count"] >= 1
+
+
+def test_unknown_paths_methods_and_bad_tokenize_bodies(server: str):
+    err = assert_openai_error(httpx.get(f"{server}/v1/nope", headers=AUTH), 404, "/v1/nope")
+    assert err["type"] == "not_found_error"
+    r = httpx.get(f"{server}/v1/completions", headers=AUTH)
+    assert_openai_error(r, 405, "method GET is not allowed on /v1/completions")
+    assert r.headers["allow"] == "POST"
+    assert_openai_error(post(server, "/tokenize", {"messages": []}), 400, "at least 1")
+    assert_openai_error(post(server, "/tokenize", {}), 400, "exactly one of prompt or messages")
+    assert_openai_error(post(server, "/detokenize", {"tokens": [2**70]}), 400,
+                        "outside the vocabulary")
+
+
+def test_echo_returns_the_prompt_as_sent(client: openai.OpenAI):
+    r = client.completions.create(model=MODEL, prompt="  Hello there", echo=True, max_tokens=2,
+                                  **greedy())
+    assert r.choices[0].text.startswith("  Hello there")
+    ids = [9906, 1070]  # "Hello there" in the Llama 3 vocabulary
+    r = client.completions.create(model=MODEL, prompt=ids, echo=True, max_tokens=2, **greedy())
+    assert r.choices[0].text.startswith("Hello there")
+
+
 def test_401_everywhere_but_health_and_ping(server: str):
     for path in ("/health", "/ping"):
         assert httpx.get(f"{server}{path}", timeout=10).status_code == 200
+    health = httpx.get(f"{server}/health", timeout=10)
+    assert health.content == b"" and "content-type" not in health.headers  # as vLLM's
     for method, path in [("GET", "/v1/models"), ("GET", "/ready"), ("GET", "/metrics"),
                          ("POST", "/v1/chat/completions"), ("POST", "/tokenize"),
                          ("GET", "/openapi.json"), ("POST", "/invocations")]:
