@@ -19,14 +19,12 @@ from server.engine_client import EngineClient, FailureCallback
 from server.engines import build_engine
 from server.errors import APIError, error_response
 from server.metrics import Metrics
+from server.openapi import OPEN_PATHS, openapi_document
 from server.rag import RAGService
 from server.routes import router, validation_message
 from server.serving import ClientDisconnected, OpenAIServing
 
 log = logging.getLogger(__name__)
-
-OPEN_PATHS = frozenset({"/health", "/ping"})
-
 
 class APIKeyMiddleware:
     """``Authorization: Bearer KEY`` on every route but /health and /ping (constant time)."""
@@ -141,6 +139,7 @@ def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
     app.state.rag = rag
     app.state.serving = serving
     app.include_router(router)
+    app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):

@@ -1,9 +1,11 @@
 """OpenAI API request and response schemas (the subset ragserve serves, plus vLLM's extras).
 
 Requests forbid unknown fields: a field ragserve does not understand is a 400 that names it,
-never silently ignored. Fields OpenAI defines that ragserve cannot honour (tools, logit_bias,
-response_format other than text, ...) are accepted by the schema and rejected with a 400 by
-:mod:`server.serving`, so the message says what is not supported rather than "unknown".
+never silently ignored. Their types are strict (JSON's: no coercion of `false` to 0 or of 0 to
+`false`), as the OpenAPI document says. Fields OpenAI defines that ragserve cannot honour
+(tools, logit_bias, response_format other than text, ...) are accepted by the schema and
+rejected with a 400 by :mod:`server.serving`, so the message says what is not supported rather
+than "unknown".
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict types too: `false` is not the token id 0, `0` is not `false`, 1.5 is not "1.5"
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 # -- errors ------------------------------------------------------------------------------

@@ -36,8 +36,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in {
         400: "Invalid request (the message names the parameter or the limit)",
         401: "Missing or wrong API key",
-        404: "Unknown model",
+        404: "Unknown model (or, on /v1/retrieve, no index loaded)",
         413: "Request body too large",
+        415: "The body was not sent as application/json",
         429: "Queue full (see Retry-After)",
         500: "The engine failed while generating this response",
         503: "Model loading or engine unavailable (see Retry-After)",
@@ -45,21 +46,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _sse_doc(model: type) -> dict[int | str, dict[str, Any]]:
-    return {200: {"content": {"text/event-stream": {
-        "schema": {"type": "string",
-                   "description": f"with stream=true: `data: <{model.__name__} chunk JSON>` "
-                                  "events, then `data: [DONE]`"}}}}, **ERRORS}
-
-
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-             responses=_sse_doc(ChatCompletionResponse), tags=["openai"])
+             responses=ERRORS, tags=["openai"])  # the SSE form: server.openapi
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     return await request.app.state.serving.chat(body, request)
 
 
 @router.post("/v1/completions", response_model=CompletionResponse,
-             responses=_sse_doc(CompletionResponse), tags=["openai"])
+             responses=ERRORS, tags=["openai"])
 async def completions(body: CompletionRequest, request: Request) -> Any:
     return await request.app.state.serving.completions(body, request)
 
@@ -111,7 +105,8 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     return DetokenizeResponse(prompt=info.tokenizer.decode(body.tokens))
 
 
-@router.get("/health", tags=["ops"])
+@router.get("/health", tags=["ops"], response_class=Response,
+            responses={200: {"description": "Alive (an empty body, as vLLM's)", "content": {}}})
 async def health() -> Response:
     """Alive (the process answers); says nothing about the model: see /ready."""
     return Response(status_code=200)
@@ -156,7 +151,7 @@ async def ping(request: Request) -> JSONResponse:
 
 
 @router.post("/invocations", response_model=ChatCompletionResponse | CompletionResponse,
-             responses=ERRORS, tags=["sagemaker"])
+             responses=ERRORS, tags=["sagemaker"])  # its request body: server.openapi
 async def invocations(request: Request) -> Any:
     """SageMaker's inference route: a chat body (with `messages`) or a completions body."""
     from pydantic import ValidationError

@@ -8,11 +8,17 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import LLAMA3_CHAT_TEMPLATE, LLAMA31_ROPE, llama3_tokenizer_model, make_tiny_llama_dir
+from helpers import (
+    FACTS,
+    LLAMA3_CHAT_TEMPLATE,
+    LLAMA31_ROPE,
+    llama3_tokenizer_model,
+    make_tiny_llama_dir,
+)
 from serverutil import ENGINES
 
-# imported by vLLM's engine (make test-vllm), never by pytest: it needs vLLM
-collect_ignore = ["vllm_script.py"]
+# imported by vLLM's engine (make test-vllm) and by schemathesis's CLI, never by pytest
+collect_ignore = ["vllm_script.py", "schemathesis_hooks.py"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -61,6 +67,27 @@ def tiny_colbert(tiny_colbert_dir: Path):
     from retrieval.encoder import ColBERTEncoder
 
     return ColBERTEncoder(tiny_colbert_dir, name="tiny-colbert", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def docs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """helpers.FACTS as files of three formats."""
+    d = tmp_path_factory.mktemp("docs")
+    for name, text in FACTS.items():
+        (d / name).write_text(text)
+    return d
+
+
+@pytest.fixture(scope="session")
+def index_dir(docs_dir: Path, tiny_colbert_dir: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built by the real CLI: `ragserve index build DOCS --out INDEX --retriever-model CKPT`."""
+    from server.cli import main
+
+    out = tmp_path_factory.mktemp("index") / "idx"
+    assert main(["index", "build", str(docs_dir), "--out", str(out), "--retriever-model",
+                 str(tiny_colbert_dir), "--chunk-tokens", "64", "--chunk-overlap", "8"]) == 0
+    return out
 
 
 # -- engines: the server tests run against each engine in RAGSERVE_TEST_ENGINES ---------------

@@ -127,3 +127,14 @@ def make_tiny_colbert_dir(out: Path, *, seed: int = 0, dim: int = 64, hidden: in
         "attend_to_mask_tokens": False, "mask_punctuation": True,
         "query_token_id": "[unused0]", "doc_token_id": "[unused1]"}))
     return out
+
+
+#: The documents of the RAG tests' index (conftest: ``docs_dir``, ``index_dir``).
+FACTS = {
+    "zorvania.txt": "Zorvania is a small island kingdom. The capital of Zorvania is Quelthar, "
+                    "a harbour city famous for its glass towers.",
+    "brindle.md": "Brindle engines run on compressed kelp oil. A Brindle engine needs "
+                  "servicing every ninety days.",
+    "ostrava.html": "<html><body><p>The Ostravian marmot hibernates for seven months in "
+                    "limestone burrows.</p></body></html>",
+}

@@ -30,16 +30,6 @@ from server.config import ServerConfig
 from server.engine import Engine
 
 EOT = 128009
-FACTS = {
-    "zorvania.txt": "Zorvania is a small island kingdom. The capital of Zorvania is Quelthar, "
-                    "a harbour city famous for its glass towers.",
-    "brindle.md": "Brindle engines run on compressed kelp oil. A Brindle engine needs "
-                  "servicing every ninety days.",
-    "ostrava.html": "<html><body><p>The Ostravian marmot hibernates for seven months in "
-                    "limestone burrows.</p></body></html>",
-}
-
-
 class ScriptedBackend:
     """Logits that spell ``script`` after any prompt: the token at generated position ``j`` is
     ``script[j]``, then <|eot_id|>. Prefill records each slot's prompt length."""
@@ -74,25 +64,6 @@ class ScriptedBackend:
                 j = int(cache_ids[b, 0]) - self.prompt_len.get(slot, 0) + 1
             logits[b, self.script[j] if 0 <= j < len(self.script) else EOT] = 0.0
         return logits
-
-
-@pytest.fixture(scope="module")
-def docs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("docs")
-    for name, text in FACTS.items():
-        (d / name).write_text(text)
-    return d
-
-
-@pytest.fixture(scope="module")
-def index_dir(docs_dir: Path, tiny_colbert_dir: Path, tmp_path_factory) -> Path:
-    """Built by the real CLI: `ragserve index build DOCS --out INDEX --retriever-model CKPT`."""
-    from server.cli import main
-
-    out = tmp_path_factory.mktemp("index") / "idx"
-    assert main(["index", "build", str(docs_dir), "--out", str(out), "--retriever-model",
-                 str(tiny_colbert_dir), "--chunk-tokens", "64", "--chunk-overlap", "8"]) == 0
-    return out
 
 
 class RagServer:
