@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 from collections.abc import Mapping, Sequence
@@ -87,6 +88,7 @@ class ServerConfig:
     context_encoding_buckets: tuple[int, ...] | None = None
     token_generation_buckets: tuple[int, ...] | None = None
     max_queue_len: int = 256
+    max_queue_wait: float = 30.0
     max_request_bytes: int = 4 * 2**20
     shutdown_grace_seconds: float = 30.0
     compile: bool = False
@@ -134,6 +136,8 @@ class ServerConfig:
         _require(self.api_key is None or self.api_key != "", "--api-key", "must not be empty")
         _require(self.max_queue_len >= 1, "--max-queue-len",
                  f"must be >= 1, got {self.max_queue_len}")
+        _require(math.isfinite(self.max_queue_wait) and self.max_queue_wait > 0,
+                 "--max-queue-wait", f"must be > 0 seconds, got {self.max_queue_wait}")
         _require(self.max_request_bytes >= 1024, "--max-request-bytes",
                  f"must be >= 1024, got {self.max_request_bytes}")
         _require(self.shutdown_grace_seconds >= 0, "--shutdown-grace-seconds",
@@ -245,6 +249,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="decode context lengths (default: powers of two to max-model-len)")
     p.add_argument("--max-queue-len", type=int, default=d.max_queue_len,
                    help="waiting requests beyond this get 429 with Retry-After")
+    p.add_argument("--max-queue-wait", type=float, default=d.max_queue_wait,
+                   help="seconds a request may wait for a sequence slot: one expected to wait "
+                        "longer (from the measured service time) gets 429 with Retry-After at "
+                        "once; one admitted that still waits longer ends with an error")
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                    help="request bodies beyond this get 413")
     p.add_argument("--shutdown-grace-seconds", type=float, default=d.shutdown_grace_seconds,

@@ -13,6 +13,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from scheduler import FinishReason, SamplingParams, TokenLogprobs
+from server.admission import (
+    KEEPALIVE,
+    KEEPALIVE_SECONDS,
+    Admission,
+    KeepAlive,
+    QueueTimeout,
+    first_within,
+)
 from server.config import ServerConfig
 from server.engine_client import (
     EngineClient,
@@ -53,7 +61,13 @@ from server.rag import CitationFilter, RAGContext, RAGService
 
 ENGINE_FAILED = "the engine failed while generating this response"
 RETRY_AFTER_LOADING = "5"
-RETRY_AFTER_QUEUE = "1"
+
+
+def queue_timeout_error(e: QueueTimeout, admission: Admission) -> APIError:
+    """503 for a request that waited past --max-queue-wait (the server's capacity, not the
+    request, is the problem), with the expected time for the queue to drain a slot."""
+    return APIError(503, str(e), code="queue_timeout",
+                    headers={"Retry-After": admission.retry_after(1)})
 
 
 class ClientDisconnected(Exception):
@@ -138,6 +152,15 @@ async def merged(streams: Sequence[AsyncIterator[RequestOutput]]
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class Submitted(list):
+    """The engine streams of one HTTP request (one per prompt and choice), and its arrival
+    time (``time.monotonic()``), from which its queue wait is bounded."""
+
+    def __init__(self, streams: Sequence[AsyncIterator[RequestOutput]], arrival: float) -> None:
+        super().__init__(streams)
+        self.arrival = arrival
+
+
 class OpenAIServing:
     """Chat and completions over an engine (either: see :mod:`server.engine_client`)."""
 
@@ -148,6 +171,8 @@ class OpenAIServing:
         self.metrics = metrics
         self.rag = rag or RAGService(config, metrics)
         self.chat_template = config.chat_template_text()
+        self.admission = Admission(config.max_num_seqs, config.max_queue_len,
+                                   config.max_queue_wait)
 
     # -- checks --------------------------------------------------------------------------
 
@@ -182,13 +207,9 @@ class OpenAIServing:
 
     def check_queue(self, n_new: int) -> None:
         """429 if admitting ``n_new`` requests would leave more than --max-queue-len waiting
-        for a KV slot (requests that will find a free slot at once do not queue)."""
-        limit = self.config.max_queue_len
-        if self.engine.projected_waiting(n_new) > limit:
-            waiting = self.engine.projected_waiting(0)
-            raise APIError(429, f"the queue is full: {waiting} requests waiting "
-                                f"(--max-queue-len {limit}); retry shortly",
-                           code="queue_full", headers={"Retry-After": RETRY_AFTER_QUEUE})
+        for a KV slot, or one expected to wait longer than --max-queue-wait (requests that
+        find a free slot at once do not queue): :class:`server.admission.Admission`."""
+        self.admission.check(self.engine.projected_waiting(n_new))
 
     def admit(self, model: str | None) -> ModelInfo:
         """Ready and the right model name, or the error that says which is not."""
@@ -198,11 +219,26 @@ class OpenAIServing:
 
     def _submit(self, prefix: str, prompts: Sequence[list[int]],
                 params: Sequence[Sequence[SamplingParams]], arrival: float
-                ) -> list[AsyncIterator[RequestOutput]]:
+                ) -> Submitted:
         self.check_queue(sum(len(p) for p in params))
-        return [self.engine.generate(f"{prefix}-{i}-{j}", ids, sp, arrival)
-                for i, (ids, sps) in enumerate(zip(prompts, params))
-                for j, sp in enumerate(sps)]
+        return Submitted([self.engine.generate(f"{prefix}-{i}-{j}", ids, sp, arrival)
+                          for i, (ids, sps) in enumerate(zip(prompts, params))
+                          for j, sp in enumerate(sps)], arrival)
+
+    def _outputs(self, streams: Submitted, stream: bool
+                 ) -> AsyncIterator[tuple[int, RequestOutput] | KeepAlive]:
+        """The streams' outputs, merged; :class:`QueueTimeout` if none comes within
+        --max-queue-wait of arrival; while waiting, a stream gets :data:`KEEPALIVE` items."""
+        bound = self.config.max_queue_wait
+        keepalive = min(KEEPALIVE_SECONDS, bound / 3) if stream else None
+        return first_within(merged(streams), streams.arrival, bound, keepalive)
+
+    def _served(self, first_at: dict[int, float], i: int, o: RequestOutput) -> None:
+        """Service time for admission: from a request's first output to its end."""
+        now = time.monotonic()
+        start = first_at.setdefault(i, now)
+        if o.finished:
+            self.admission.observe_service(now - start)
 
     # -- chat ----------------------------------------------------------------------------
 
@@ -251,7 +287,7 @@ class OpenAIServing:
             lambda msgs: chat_prompt_ids(info.tokenizer, req, self.chat_template, msgs))
 
     def _chat_stream(self, rid: str, req: ChatCompletionRequest, n_prompt: int,
-                     streams: list[AsyncIterator[RequestOutput]],
+                     streams: Submitted,
                      rag: RAGContext | None = None) -> AsyncIterator[str]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         created = int(time.time())
@@ -285,7 +321,7 @@ class OpenAIServing:
             return self._sse_stream(streams, n_prompt, prologue, event, usage_event)
         return self._rag_sse_stream(streams, n_prompt, prologue, rag, chunk, fast, usage_event)
 
-    async def _rag_sse_stream(self, streams: list[AsyncIterator[RequestOutput]], n_prompt: int,
+    async def _rag_sse_stream(self, streams: Submitted, n_prompt: int,
                               prologue: list[str], rag: RAGContext,
                               chunk: Callable[..., str], fast: DeltaEvents,
                               usage_event: Callable[[Usage], str] | None) -> AsyncIterator[str]:
@@ -346,7 +382,7 @@ class OpenAIServing:
                                                usage=usage).model_dump())
 
     def _completion_stream(self, rid: str, req: CompletionRequest, n_prompt: int,
-                           echoes: list[str], streams: list[AsyncIterator[RequestOutput]]
+                           echoes: list[str], streams: Submitted
                            ) -> AsyncIterator[str]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         created = int(time.time())
@@ -383,7 +419,7 @@ class OpenAIServing:
         return self._sse_stream(streams, n_prompt, prologue, event,
                                 (lambda u: chunk([], u)) if include_usage else None)
 
-    async def _sse_stream(self, streams: list[AsyncIterator[RequestOutput]], n_prompt: int,
+    async def _sse_stream(self, streams: Submitted, n_prompt: int,
                           prologue: list[str],
                           event: Callable[[int, RequestOutput], str | Awaitable[str]],
                           usage_event: Callable[[Usage], str] | None) -> AsyncIterator[str]:
@@ -396,8 +432,14 @@ class OpenAIServing:
         client sees marks the first token, which is what ``vllm bench serve``, genai-perf and
         llmperf time as TTFT."""
         n_out = 0
+        first_at: dict[int, float] = {}
         try:
-            async for i, o in merged(streams):
+            async for item in self._outputs(streams, stream=True):
+                if item is KEEPALIVE:  # waiting for a slot: an SSE comment, not a chunk
+                    yield ": waiting for a sequence slot\n\n"
+                    continue
+                i, o = item
+                self._served(first_at, i, o)
                 if prologue:
                     for e in prologue:
                         yield e
@@ -416,10 +458,12 @@ class OpenAIServing:
                     n_out += len(o.token_ids)
                 else:
                     self._delivered(o)
-        except (EngineDead, EngineRequestError) as err:
+        except (EngineDead, EngineRequestError, QueueTimeout) as err:
             for e in prologue:  # no output came before the failure
                 yield e
-            if isinstance(err, EngineDead):  # the engine stopped under us
+            if isinstance(err, QueueTimeout):
+                yield sse(queue_timeout_error(err, self.admission).body())
+            elif isinstance(err, EngineDead):  # the engine stopped under us
                 yield sse(APIError(503, f"the engine is not available: {err}",
                                    code="engine_unavailable").body())
             else:
@@ -436,11 +480,16 @@ class OpenAIServing:
         if self.metrics is not None and o.produced_at:
             self.metrics.observe_delivery(time.monotonic() - o.produced_at)
 
-    async def _finals(self, streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    async def _finals(self, streams: Submitted) -> list[RequestOutput]:
         last: dict[int, RequestOutput] = {}
+        first_at: dict[int, float] = {}
         try:
-            async for i, o in merged(streams):
+            async for item in self._outputs(streams, stream=False):
+                i, o = item  # type: ignore[misc]  (no keepalives when not streaming)
+                self._served(first_at, i, o)
                 last[i] = o
+        except QueueTimeout as e:
+            raise queue_timeout_error(e, self.admission) from None
         except EngineDead as e:
             raise APIError(503, f"the engine is not available: {e}",
                            code="engine_unavailable") from None

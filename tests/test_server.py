@@ -328,7 +328,7 @@ def test_429_with_retry_after_when_the_queue_is_full(server: str):
                     break
                 await asyncio.sleep(0.02)
             extra = await c.post(f"{server}/v1/completions", json=body)
-            assert extra.headers.get("retry-after") == "1"
+            assert int(extra.headers["retry-after"]) >= 1  # an estimate (server.admission)
             assert "queue is full" in extra.json()["error"]["message"]
             return [extra.status_code] + [(await t).status_code for t in tasks]
 

@@ -1,0 +1,148 @@
+"""Admission by expected queue wait, and the bound on waiting for admitted requests.
+
+A request that cannot get a sequence slot at once waits in the engine's queue. Its wait is
+about ``ahead * service / slots``: the requests ahead of it leave at the rate the slots finish
+requests, and the service time is measured (the median of the last finished requests, from
+their first output to their end, whichever engine runs them). A request expected to wait more
+than ``--max-queue-wait`` is refused at once with 429 and a ``Retry-After`` computed the same
+way. The estimate can be wrong (long requests ahead), so an admitted request that still has no
+output when the bound passes is ended with an error (:class:`QueueTimeout`), never left silent;
+a streamed one meanwhile gets SSE comments, so that proxies and clients do not time out.
+
+Engine-independent: it reads only ``projected_waiting`` and the outputs the server sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import TypeVar
+
+from server.errors import APIError
+
+T = TypeVar("T")
+
+#: finished requests the service time is the median of
+SERVICE_WINDOW = 64
+#: at most this long between SSE comments while a stream waits for its first output
+KEEPALIVE_SECONDS = 10.0
+
+
+class QueueTimeout(Exception):
+    """An admitted request had no output within ``--max-queue-wait`` of its arrival."""
+
+    def __init__(self, waited: float, bound: float) -> None:
+        super().__init__(f"the request waited {waited:.1f} s for a sequence slot without "
+                         f"starting (--max-queue-wait {bound:g} s); the server is overloaded, "
+                         "retry later")
+        self.waited = waited
+        self.bound = bound
+
+
+class KeepAlive:
+    """Yielded by :func:`first_within` while the first output is awaited."""
+
+
+KEEPALIVE = KeepAlive()
+
+
+class Admission:
+    """Decides whether a request may queue, from the queue's length and its expected wait."""
+
+    def __init__(self, slots: int, max_queue_len: int, max_queue_wait: float) -> None:
+        self.slots = slots
+        self.max_queue_len = max_queue_len
+        self.max_queue_wait = max_queue_wait
+        self._service: deque[float] = deque(maxlen=SERVICE_WINDOW)
+
+    def observe_service(self, seconds: float) -> None:
+        """A request finished ``seconds`` after its first output."""
+        self._service.append(max(0.0, seconds))
+
+    @property
+    def service_seconds(self) -> float | None:
+        """Median service time of the last finished requests (None before the first)."""
+        return statistics.median(self._service) if self._service else None
+
+    def expected_wait(self, ahead: int) -> float:
+        """Seconds until ``ahead`` more slots free up (0 when no request is ahead or nothing
+        has been measured yet: the first requests are admitted on the queue length alone).
+
+        >>> a = Admission(slots=4, max_queue_len=100, max_queue_wait=30)
+        >>> a.expected_wait(8)
+        0.0
+        >>> for _ in range(3): a.observe_service(10.0)
+        >>> a.expected_wait(8), a.expected_wait(0)
+        (20.0, 0.0)
+        """
+        service = self.service_seconds
+        if ahead <= 0 or service is None:
+            return 0.0
+        return ahead * service / self.slots
+
+    def retry_after(self, excess: int) -> str:
+        """``Retry-After`` for a refusal: seconds until ``excess`` requests have left the
+        queue, at least 1."""
+        return str(max(1, math.ceil(self.expected_wait(excess))))
+
+    def check(self, waiting_after: int) -> None:
+        """Raise a 429 unless a request that leaves ``waiting_after`` requests waiting (itself
+        included; 0 if it gets a slot at once) may queue."""
+        if waiting_after <= 0:
+            return
+        if waiting_after > self.max_queue_len:
+            raise APIError(
+                429, f"the queue is full: {waiting_after - 1} requests waiting "
+                     f"(--max-queue-len {self.max_queue_len}); retry later",
+                code="queue_full",
+                headers={"Retry-After": self.retry_after(waiting_after - self.max_queue_len)})
+        wait = self.expected_wait(waiting_after)
+        if wait > self.max_queue_wait:
+            service = self.service_seconds or 0.0
+            allowed = math.floor(self.max_queue_wait * self.slots / service) if service else 0
+            raise APIError(
+                429, f"the server is overloaded: expected wait {wait:.0f} s for a sequence slot "
+                     f"({waiting_after - 1} requests waiting, {service:.1f} s per request on "
+                     f"{self.slots} slots) exceeds --max-queue-wait {self.max_queue_wait:g} s; "
+                     "retry later",
+                code="queue_wait_exceeded",
+                headers={"Retry-After": self.retry_after(waiting_after - allowed)})
+
+
+async def first_within(source: AsyncIterator[T], arrival: float, bound: float,
+                       keepalive: float | None) -> AsyncIterator[T | KeepAlive]:
+    """``source``'s items; until the first, a :data:`KEEPALIVE` every ``keepalive`` seconds
+    (None: none) and :class:`QueueTimeout` once ``bound`` seconds have passed since
+    ``arrival`` (``time.monotonic()``), which closes ``source`` (aborting its requests). After
+    the first item it only passes items on."""
+    it = source.__aiter__()
+    deadline = arrival + bound
+    nxt = asyncio.ensure_future(it.__anext__())
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise QueueTimeout(time.monotonic() - arrival, bound)
+            timeout = left if keepalive is None else min(left, keepalive)
+            done, _ = await asyncio.wait({nxt}, timeout=timeout)
+            if done:
+                break
+            if keepalive is not None and deadline - time.monotonic() > 0:
+                yield KEEPALIVE
+        try:
+            first = nxt.result()
+        except StopAsyncIteration:
+            return
+        nxt = None
+        yield first
+        async for item in it:
+            yield item
+    finally:
+        if nxt is not None and not nxt.done():
+            nxt.cancel()
+            await asyncio.gather(nxt, return_exceptions=True)
+        await it.aclose()  # type: ignore[attr-defined]
