@@ -1,11 +1,15 @@
 """Admission by expected queue wait, and the bound on waiting for admitted requests.
 
 A request that cannot get a sequence slot at once waits in the engine's queue. Its wait is
-about ``ahead * service / slots``: the requests ahead of it leave at the rate the slots finish
-requests, and the service time is measured (the median of the last finished requests, from
-their first output to their end, whichever engine runs them). A request expected to wait more
-than ``--max-queue-wait`` is refused at once with 429 and a ``Retry-After`` computed the same
-way. The estimate can be wrong (long requests ahead), so an admitted request that still has no
+about ``ahead / rate``: the requests ahead of it leave at the rate requests leave their slots.
+That rate is measured: the departures of the last requests that held a slot (finished or
+aborted), when at least :data:`MIN_DEPARTURES` of them happened in the last
+:data:`RATE_WINDOW_SECONDS`; before that, it is ``slots / service time`` (the median of the last
+finished requests, from their first output to their end). The measured rate counts what the
+model alone misses (prefills of the requests that take the freed slots, time between steps),
+so under overload it is the one that holds. A request expected to wait more than
+``--max-queue-wait`` is refused at once with 429 and a ``Retry-After`` computed the same way.
+The estimate can still be wrong (long requests ahead), so an admitted request that still has no
 output when the bound passes is ended with an error (:class:`QueueTimeout`), never left silent;
 a streamed one meanwhile gets SSE comments, so that proxies and clients do not time out.
 
@@ -26,8 +30,11 @@ from server.errors import APIError
 
 T = TypeVar("T")
 
-#: finished requests the service time is the median of
+#: finished requests the service time is the median of, and the departure rate is taken over
 SERVICE_WINDOW = 64
+#: the departure rate is used once this many departures happened within RATE_WINDOW_SECONDS
+MIN_DEPARTURES = 16
+RATE_WINDOW_SECONDS = 60.0
 #: at most this long between SSE comments while a stream waits for its first output
 KEEPALIVE_SECONDS = 10.0
 
@@ -58,31 +65,50 @@ class Admission:
         self.max_queue_len = max_queue_len
         self.max_queue_wait = max_queue_wait
         self._service: deque[float] = deque(maxlen=SERVICE_WINDOW)
+        self._departures: deque[float] = deque(maxlen=SERVICE_WINDOW)
 
-    def observe_service(self, seconds: float) -> None:
-        """A request finished ``seconds`` after its first output."""
+    def observe_service(self, seconds: float, now: float | None = None) -> None:
+        """A request left its slot (``now``, ``time.monotonic()``) ``seconds`` after its first
+        output."""
         self._service.append(max(0.0, seconds))
+        self._departures.append(time.monotonic() if now is None else now)
 
     @property
     def service_seconds(self) -> float | None:
         """Median service time of the last finished requests (None before the first)."""
         return statistics.median(self._service) if self._service else None
 
-    def expected_wait(self, ahead: int) -> float:
-        """Seconds until ``ahead`` more slots free up (0 when no request is ahead or nothing
-        has been measured yet: the first requests are admitted on the queue length alone).
+    def departure_rate(self, now: float | None = None) -> float | None:
+        """Requests leaving their slots per second, measured over the last departures (None
+        until MIN_DEPARTURES happened within RATE_WINDOW_SECONDS of ``now``)."""
+        now = time.monotonic() if now is None else now
+        recent = [t for t in self._departures if now - t <= RATE_WINDOW_SECONDS]
+        if len(recent) < MIN_DEPARTURES or recent[-1] <= recent[0]:
+            return None
+        return (len(recent) - 1) / (recent[-1] - recent[0])
+
+    def expected_wait(self, ahead: int, now: float | None = None) -> float:
+        """Seconds until ``ahead`` more requests have left their slots (0 when none is ahead
+        or nothing has been measured yet: the first requests are admitted on the queue length
+        alone).
 
         >>> a = Admission(slots=4, max_queue_len=100, max_queue_wait=30)
         >>> a.expected_wait(8)
         0.0
-        >>> for _ in range(3): a.observe_service(10.0)
-        >>> a.expected_wait(8), a.expected_wait(0)
+        >>> for _ in range(3): a.observe_service(10.0, now=0.0)
+        >>> a.expected_wait(8), a.expected_wait(0)  # slots / service: 8 x 10 s / 4
         (20.0, 0.0)
+        >>> for t in range(16): a.observe_service(10.0, now=100.0 + t / 2)  # 2 per second
+        >>> a.expected_wait(8, now=110.0)
+        4.0
         """
-        service = self.service_seconds
-        if ahead <= 0 or service is None:
+        if ahead <= 0:
             return 0.0
-        return ahead * service / self.slots
+        rate = self.departure_rate(now)
+        if rate is not None:
+            return ahead / rate
+        service = self.service_seconds
+        return 0.0 if service is None else ahead * service / self.slots
 
     def retry_after(self, excess: int) -> str:
         """``Retry-After`` for a refusal: seconds until ``excess`` requests have left the
@@ -100,14 +126,15 @@ class Admission:
                      f"(--max-queue-len {self.max_queue_len}); retry later",
                 code="queue_full",
                 headers={"Retry-After": self.retry_after(waiting_after - self.max_queue_len)})
-        wait = self.expected_wait(waiting_after)
+        now = time.monotonic()
+        wait = self.expected_wait(waiting_after, now)
         if wait > self.max_queue_wait:
-            service = self.service_seconds or 0.0
-            allowed = math.floor(self.max_queue_wait * self.slots / service) if service else 0
+            per_s = waiting_after / wait
+            allowed = math.floor(self.max_queue_wait * per_s)
             raise APIError(
                 429, f"the server is overloaded: expected wait {wait:.0f} s for a sequence slot "
-                     f"({waiting_after - 1} requests waiting, {service:.1f} s per request on "
-                     f"{self.slots} slots) exceeds --max-queue-wait {self.max_queue_wait:g} s; "
+                     f"({waiting_after - 1} requests waiting, {per_s:.2f} requests/s leaving "
+                     f"their slots) exceeds --max-queue-wait {self.max_queue_wait:g} s; "
                      "retry later",
                 code="queue_wait_exceeded",
                 headers={"Retry-After": self.retry_after(waiting_after - allowed)})

@@ -69,6 +69,20 @@ def test_refuses_what_would_wait_longer_than_the_bound_with_an_estimated_retry_a
     assert e.value.code == "queue_full" and e.value.headers["Retry-After"] == "8"  # 5 x 3 / 2
 
 
+def test_the_measured_departure_rate_replaces_the_model_once_there_are_enough_departures():
+    """Under overload the slots turn over slower than slots / service time says (the prefills
+    of the requests that take the freed slots, time between steps): the measured rate rules."""
+    a = Admission(slots=2, max_queue_len=100, max_queue_wait=10)
+    for i in range(15):  # 4 s each on 2 slots would be 0.5/s; they leave at 0.25/s
+        a.observe_service(4.0, now=1000.0 + 4 * i)
+    assert a.departure_rate(now=1060.0) is None  # 15 < MIN_DEPARTURES: the model
+    assert a.expected_wait(3, now=1060.0) == 6.0
+    a.observe_service(4.0, now=1060.0)
+    assert a.departure_rate(now=1060.0) == 0.25
+    assert a.expected_wait(3, now=1060.0) == 12.0
+    assert a.departure_rate(now=1060.0 + 200) is None  # old departures say nothing
+
+
 # -- first_within -------------------------------------------------------------------------
 
 async def _source(delay: float, items: list[int], closed: list[bool]):

@@ -1,0 +1,309 @@
+"""Soak under overload: N streaming chat clients for T seconds against one server, first at the
+server's capacity (``--base-clients``, default 16 = ``--max-num-seqs``), then at 30x
+(``--clients``, default 500), with clients that disconnect and clients that send hostile bodies.
+
+Each client loops until the phase ends: 8% of its requests are hostile bodies (truncated JSON,
+invalid UTF-8, NaN, deep nesting, a wrong Content-Type, an unknown field), which must get a 4xx;
+25% of its streams disconnect after a few events; a 429 or 503 makes it sleep ``Retry-After``
+and go on. A stream that receives no byte for ``--client-timeout`` seconds (120) is a client
+timeout. The load generator runs at a lower priority than the server (``nice``), so that the
+server has the CPU first.
+
+Reported per phase: completed requests/s and completed output tokens/s, refusals, client
+timeouts, failures (5xx or a broken connection), the time to the response's status (served or
+refused) p50/p99, the time to the first byte, the engine's mean decode step time, and the queue
+wait p99 (``vllm:request_queue_time_seconds``); at the end, the running and waiting requests
+and KV use after the run (must be 0) and the server's RSS growth. The last line is the JSON.
+
+    python -m benchmarks.soak [--quick] [--clients 500] [--seconds 90]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from benchmarks.common import emit, median, parser, percentile, round_floats
+from benchmarks.compare_engines import wait_kernels
+from benchmarks.serve_load import prompt_text
+
+HOSTILE: list[tuple[str, bytes, str]] = [
+    ("truncated", b'{"model": "m", "messages": [{"role": "user", "content": "hi"',
+     "application/json"),
+    ("utf8", b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', "application/json"),
+    ("nan", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+     "application/json"),
+    ("deep", b"[" * 5000 + b"]" * 5000, "application/json"),
+    ("content-type", b'{"messages": [{"role": "user", "content": "hi"}]}', "text/plain"),
+    ("unknown-field", b'{"messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}',
+     "application/json"),
+]
+
+
+@dataclass
+class Phase:
+    """What the clients of one phase saw."""
+
+    clients: int
+    seconds: float
+    completed: int = 0
+    completed_tokens: int = 0
+    disconnected: int = 0
+    refused: int = 0
+    queue_timeouts: int = 0
+    client_timeouts: int = 0
+    failures: int = 0
+    hostile: int = 0
+    hostile_not_4xx: int = 0
+    status_s: list[float] = field(default_factory=list)
+    first_byte_s: list[float] = field(default_factory=list)
+    errors: Counter = field(default_factory=Counter)
+
+
+async def hostile(client: httpx.AsyncClient, url: str, rng: random.Random, ph: Phase) -> None:
+    name, body, ctype = rng.choice(HOSTILE)
+    ph.hostile += 1
+    try:
+        r = await client.post(f"{url}/v1/chat/completions", content=body,
+                              headers={"content-type": ctype})
+    except httpx.TransportError as e:
+        ph.failures += 1
+        ph.errors[f"hostile {name}: {type(e).__name__}"] += 1
+        return
+    if not 400 <= r.status_code < 500 or "error" not in r.json():
+        ph.hostile_not_4xx += 1
+        ph.errors[f"hostile {name}: {r.status_code}"] += 1
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, body: dict, disconnect_after: int | None,
+                     ph: Phase, deadline: float) -> None:
+    t0 = time.monotonic()
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            ph.status_s.append(time.monotonic() - t0)
+            if r.status_code in (429, 503):
+                ph.refused += 1
+                await r.aread()
+                wait = float(r.headers.get("retry-after", "1"))
+                await asyncio.sleep(max(0.0, min(wait, deadline - time.monotonic())))
+                return
+            if r.status_code != 200:
+                ph.failures += r.status_code >= 500
+                ph.errors[f"status {r.status_code}"] += 1
+                await r.aread()
+                return
+            events, tokens, first = 0, None, True
+            async for line in r.aiter_lines():
+                if first:
+                    ph.first_byte_s.append(time.monotonic() - t0)
+                    first = False
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    break
+                event = json.loads(line[6:])
+                if "error" in event:
+                    code = event["error"].get("code")
+                    ph.queue_timeouts += code == "queue_timeout"
+                    ph.failures += code != "queue_timeout"
+                    ph.errors[f"stream error {code}"] += 1
+                    continue
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+                if event.get("choices"):
+                    events += 1
+                    if disconnect_after is not None and events >= disconnect_after:
+                        ph.disconnected += 1
+                        return  # leaving the block closes the connection
+            if tokens is not None and time.monotonic() <= deadline:
+                ph.completed += 1
+                ph.completed_tokens += tokens
+    except httpx.ReadTimeout:
+        ph.client_timeouts += 1
+    except httpx.TransportError as e:
+        ph.failures += 1
+        ph.errors[type(e).__name__] += 1
+
+
+async def client_loop(url: str, model: str, seed: int, ph: Phase, deadline: float,
+                      client: httpx.AsyncClient, args) -> None:
+    rng = random.Random(seed)
+    while time.monotonic() < deadline:
+        if rng.random() < args.hostile_share:
+            await hostile(client, url, rng, ph)
+            continue
+        body = {"model": model, "messages": [{"role": "user", "content": prompt_text(
+                    rng, args.prompt_tokens)}],
+                "max_tokens": args.max_tokens, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        disconnect = rng.randint(1, 8) if rng.random() < args.disconnect_share else None
+        await stream_one(client, url, body, disconnect, ph, deadline)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Sums of the series the report needs, from /metrics."""
+    out: Counter = Counter()
+    for line in httpx.get(f"{url}/metrics", timeout=60).text.splitlines():
+        if line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        if name.startswith("ragserve_engine_step_seconds_sum") and 'phase="decode"' in name:
+            out["decode_s"] += float(value)
+        elif name.startswith("ragserve_engine_step_seconds_count") and 'phase="decode"' in name:
+            out["decode_steps"] += float(value)
+        elif name.startswith("ragserve_engine_step_seconds_sum"):
+            out["other_step_s"] += float(value)
+        elif name.startswith("ragserve_engine_step_seconds_count"):
+            out["other_steps"] += float(value)
+        elif name.startswith("vllm:request_queue_time_seconds_bucket"):
+            le = name.split('le="', 1)[1].split('"', 1)[0]
+            out[f"queue_le_{le}"] += float(value)
+        elif name.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting",
+                              "vllm:kv_cache_usage_perc")):
+            out[name.split("{", 1)[0]] += float(value)
+    return dict(out)
+
+
+def queue_p99(before: dict[str, float], after: dict[str, float]) -> float:
+    """The upper bound of the histogram bucket that holds the 99th percentile queue wait."""
+    les = sorted((float(k[9:]) if k[9:] != "+Inf" else float("inf"), k)
+                 for k in after if k.startswith("queue_le_"))
+    total = after.get("queue_le_+Inf", 0) - before.get("queue_le_+Inf", 0)
+    for le, k in les:
+        if total and after[k] - before.get(k, 0) >= 0.99 * total:
+            return le
+    return float("nan")
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+
+
+async def run_phase(url: str, model: str, clients: int, seconds: float, args) -> Phase:
+    ph = Phase(clients, seconds)
+    deadline = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+    timeout = httpx.Timeout(args.client_timeout, connect=args.client_timeout)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        tasks = [asyncio.ensure_future(client_loop(url, model, 1000 * args.seed + i, ph,
+                                                   deadline, client, args))
+                 for i in range(clients)]
+        await asyncio.wait(tasks, timeout=seconds + args.client_timeout + 30)
+        for t in tasks:  # bounded: whatever is still in flight is cancelled (a disconnect)
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return ph
+
+
+def summary(ph: Phase, before: dict[str, float], after: dict[str, float]) -> dict:
+    decode_steps = after.get("decode_steps", 0) - before.get("decode_steps", 0)
+    return round_floats({
+        "clients": ph.clients, "seconds": ph.seconds,
+        "completed_per_s": ph.completed / ph.seconds,
+        "completed_tok_s": ph.completed_tokens / ph.seconds,
+        "completed": ph.completed, "disconnected": ph.disconnected, "refused": ph.refused,
+        "queue_timeouts": ph.queue_timeouts, "client_timeouts": ph.client_timeouts,
+        "failures": ph.failures, "hostile": ph.hostile, "hostile_not_4xx": ph.hostile_not_4xx,
+        "status_p50_s": median(ph.status_s), "status_p99_s": percentile(ph.status_s, 99),
+        "status_max_s": max(ph.status_s, default=float("nan")),
+        "first_byte_p99_s": percentile(ph.first_byte_s, 99),
+        "decode_step_ms": 1e3 * (after.get("decode_s", 0) - before.get("decode_s", 0))
+        / decode_steps if decode_steps else float("nan"),
+        "decode_steps": decode_steps,
+        "queue_wait_p99_le_s": queue_p99(before, after),
+        "errors": dict(ph.errors.most_common(8)),
+    })
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--clients", type=int, default=500)
+    p.add_argument("--base-clients", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=90.0, help="per phase")
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--hostile-share", type=float, default=0.08)
+    p.add_argument("--disconnect-share", type=float, default=0.25)
+    p.add_argument("--client-timeout", type=float, default=120.0)
+    p.add_argument("--port", type=int, default=8412)
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="extra `ragserve serve` argument (repeatable)")
+    args = p.parse_args()
+    if args.quick:
+        args.seconds = 30.0
+    cache = Path(os.environ.get("RAGSERVE_CACHE_DIR", ".cache/ragserve"))
+    cache.mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{args.port}"
+    cmd = [sys.executable, "-m", "server", "--port", str(args.port), "--served-model-name", "m",
+           "--max-num-seqs", str(args.max_num_seqs), "--dtype", args.dtype,
+           "--log-level", "warning", *(["--model", args.model] if args.model else []),
+           *args.server_arg]
+    log = open(cache / "soak_server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not become ready (see {log.name})")
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        wait_kernels(url, 900)
+        os.nice(10)  # the load generator yields the CPU to the server
+        rss0 = rss_bytes(proc.pid)
+        phases = []
+        for clients in (args.base_clients, args.clients):
+            before = scrape(url)
+            ph = asyncio.run(run_phase(url, "m", clients, args.seconds, args))
+            after = scrape(url)
+            phases.append(summary(ph, before, after))
+            print(f"{clients} clients: {phases[-1]}", flush=True)
+            time.sleep(2)
+        settle = time.monotonic() + 30
+        while True:  # every slot back once the clients are gone
+            left = scrape(url)
+            busy = (left.get("vllm:num_requests_running", 0) +
+                    left.get("vllm:num_requests_waiting", 0) +
+                    left.get("vllm:kv_cache_usage_perc", 0))
+            if busy == 0 or time.monotonic() > settle:
+                break
+            time.sleep(0.5)
+        rss1 = rss_bytes(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(90)
+        log.close()
+    base, over = phases
+    result = {
+        "base": base, "overload": over,
+        "completed_per_s_ratio": over["completed_per_s"] / base["completed_per_s"]
+        if base["completed_per_s"] else float("nan"),
+        "completed_tok_s_ratio": over["completed_tok_s"] / base["completed_tok_s"]
+        if base["completed_tok_s"] else float("nan"),
+        "decode_step_ratio": over["decode_step_ms"] / base["decode_step_ms"],
+        "after_run": {k: left.get(k, 0) for k in ("vllm:num_requests_running",
+                                                  "vllm:num_requests_waiting",
+                                                  "vllm:kv_cache_usage_perc")},
+        "rss_growth_pct": 100 * (rss1 - rss0) / rss0,
+    }
+    emit("soak", args, round_floats(result))
+
+
+if __name__ == "__main__":
+    main()
