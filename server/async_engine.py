@@ -5,6 +5,9 @@ One thread owns the :class:`~server.engine.Engine` (nothing else touches it): it
 then loops: apply queued adds and aborts, run one step, hand each output to its request's
 asyncio queue. An abort queued before a step is applied before that step is scheduled, so a
 disconnected client's slot is free for the very next step.
+
+The same loop runs in a process of its own behind :class:`server.engine_process.ProcessEngine`
+(the default); the hooks ``_state_changed`` and ``_flush`` are where that one reports.
 """
 
 from __future__ import annotations
@@ -191,6 +194,7 @@ class AsyncEngine:
         except BaseException as e:
             log.exception("engine failed to load")
             self.state, self.error = EngineState.FAILED, f"{type(e).__name__}: {e}"
+            self._state_changed()
             if self._on_failure is not None:
                 self._on_failure(e)
             return
@@ -203,6 +207,7 @@ class AsyncEngine:
             token_generation_buckets=tuple(b.token_generation_buckets))
         self._publish_scheduler()
         self.state = EngineState.READY
+        self._state_changed()
         log.info("engine ready in %.1fs", self.load_seconds)
         self.engine.start_background_compile()  # serves eagerly meanwhile
         self._kernels_seen: tuple | None = None
@@ -210,15 +215,27 @@ class AsyncEngine:
             self._publish_kernels()
             self._apply_commands()
             if not self.engine.has_unfinished():
+                self._flush()
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
             self._step()
+            self._flush()
         self._fail_all(EngineDead("the server is shutting down"))
+        self._flush()
 
     def report_load(self, status: str, fraction: float) -> None:
         """The factory's progress callback: what the load is doing and how far (0..1)."""
         self.load_status, self.load_progress = status, fraction
+        self._state_changed()
+
+    # hooks for an engine loop in another process (server.engine_process): no-ops on a thread
+
+    def _state_changed(self) -> None:
+        """Load state, model info or queue counts changed (the engine thread wrote them)."""
+
+    def _flush(self) -> None:
+        """The end of a loop iteration: what it delivered may go out together."""
 
     def _notify(self, event: str, *stats: object) -> None:
         if self._observer is None:
@@ -270,6 +287,7 @@ class AsyncEngine:
         stats = self.engine.scheduler.stats()
         self.num_waiting, self.num_free_slots = stats.num_waiting, stats.num_free_slots
         self._notify("on_scheduler", stats)
+        self._state_changed()
 
     def _step(self) -> None:
         engine = self.engine

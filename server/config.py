@@ -89,6 +89,7 @@ class ServerConfig:
     token_generation_buckets: tuple[int, ...] | None = None
     max_queue_len: int = 256
     max_queue_wait: float = 30.0
+    engine_process: bool = True
     max_request_bytes: int = 4 * 2**20
     shutdown_grace_seconds: float = 30.0
     compile: bool = False
@@ -253,6 +254,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="seconds a request may wait for a sequence slot: one expected to wait "
                         "longer (from the measured service time) gets 429 with Retry-After at "
                         "once; one admitted that still waits longer ends with an error")
+    p.add_argument("--engine-process", type=_bool, nargs="?", const=True,
+                   default=d.engine_process,
+                   help="run ragserve's engine loop in a process of its own, so that the HTTP "
+                        "side cannot slow it (default true; false: a thread of the server)")
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                    help="request bodies beyond this get 413")
     p.add_argument("--shutdown-grace-seconds", type=float, default=d.shutdown_grace_seconds,

@@ -28,6 +28,12 @@ def _ragserve_engine(config: ServerConfig, served_name: Callable[[], str],
     from server.async_engine import AsyncEngine
     from server.metrics import EngineMetrics
 
+    if factory is None and config.engine_process:
+        from server.engine_process import ProcessEngine
+
+        return ProcessEngine(config.engine_config(), observer=EngineMetrics(served_name),
+                             on_failure=on_failure)
+
     def build() -> Engine:
         if factory is not None:
             return factory()

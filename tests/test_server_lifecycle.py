@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import threading
 import time
@@ -129,3 +130,90 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(engine_name: str, tiny_l
         if proc.poll() is None:
             proc.kill()
         print((tmp_path / "server.log").read_text()[-3000:])
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines()
+                          if ":" in line)
+        except OSError:
+            continue
+        if int(fields.get("PPid", "0").strip()) == pid:
+            out.append(int(status.parent.name))
+    return out
+
+
+def test_the_engine_runs_in_its_own_process_and_its_death_fails_the_server(
+        tiny_llama_dir: Path, tmp_path: Path):
+    """ragserve's engine loop is a child process (--engine-process, the default). If it dies,
+    a stream in flight ends with an engine_unavailable error event and the server exits
+    non-zero, so that the orchestrator restarts it."""
+    proc, url = start_subprocess([
+        "--model", str(tiny_llama_dir), "--dtype", "float32", "--max-model-len", "256",
+        "--max-num-seqs", "2", "--context-encoding-buckets", "16,32,64,128",
+        "--token-generation-buckets", "32,64,128,256", "--served-model-name", "tiny",
+        "--kernels", "step=eager"], tmp_path / "server.log")
+    try:
+        wait_ready(url, proc=proc)
+        # multiprocessing's spawned child (its resource tracker is another child)
+        engine = [pid for pid in children(proc.pid)
+                  if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(engine) == 1, children(proc.pid)
+        events: list[str] = []
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
+                "model": "tiny", "prompt": "die", "max_tokens": 240, "ignore_eos": True,
+                "stream": True}) as r:
+            lines = (line for line in r.iter_lines() if line)
+            events.append(next(lines))
+            os.kill(engine[0], signal.SIGKILL)
+            events.extend(lines)
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2][6:])["error"]
+        assert error["code"] == "engine_unavailable" and "engine process exited" in \
+            error["message"]
+        assert proc.wait(60) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_the_engine_process_gives_the_thread_engines_tokens_and_metrics(tiny_llama_dir: Path):
+    """The same loop on a thread and in a child process: the same greedy tokens for requests
+    that share batches, the same step and request counts in the metrics."""
+    from scheduler import SamplingParams
+    from server.async_engine import AsyncEngine
+    from server.engine_process import ProcessEngine
+    from server.metrics import EngineMetrics
+
+    cfg = tiny_engine_config(tiny_llama_dir)
+    prompts = [[1, 2, 3], [40, 41, 42, 43, 44], [7] * 20]
+
+    async def run(engine) -> list[tuple[int, ...]]:
+        engine.start()
+        deadline = time.monotonic() + 120
+        while not engine.ready:
+            assert time.monotonic() < deadline and engine.error is None, engine.error
+            await asyncio.sleep(0.05)
+
+        async def one(i: int, ids: list[int]) -> tuple[int, ...]:
+            last = None
+            async for o in engine.generate(f"r{i}", ids, SamplingParams(
+                    max_tokens=12, temperature=0, ignore_eos=True)):
+                last = o
+            return tuple(last.token_ids)
+
+        try:
+            return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+        finally:
+            engine.stop()
+
+    thread = AsyncEngine(lambda: Engine.from_config(cfg), observer=EngineMetrics("t"))
+    child = ProcessEngine(cfg, observer=EngineMetrics("t"))
+    assert asyncio.run(run(child)) == asyncio.run(run(thread))
+    for engine in (thread, child):
+        text = engine.metrics_text().decode()
+        assert 'vllm:request_success_total{finished_reason="length",model_name="t"} 3.0' in text
+        assert 'vllm:generation_tokens_total{model_name="t"} 36.0' in text
