@@ -11,9 +11,10 @@ server has the CPU first.
 
 Reported per phase: completed requests/s and completed output tokens/s, refusals, client
 timeouts, failures (5xx or a broken connection), the time to the response's status (served or
-refused) p50/p99, the time to the first byte, the engine's mean decode step time, and the queue
-wait p99 (``vllm:request_queue_time_seconds``); at the end, the running and waiting requests
-and KV use after the run (must be 0) and the server's RSS growth. The last line is the JSON.
+refused) p50/p99, the time to the first byte, the engine's mean decode step time and the share
+of the phase it spent in steps, and the queue wait p99 (``vllm:request_queue_time_seconds``);
+at the end, the running and waiting requests and KV use after the run (must be 0) and the
+server's RSS growth (its engine process included). The last line is the JSON.
 
     python -m benchmarks.soak [--quick] [--clients 500] [--seconds 90]
 """
@@ -57,6 +58,7 @@ class Phase:
 
     clients: int
     seconds: float
+    wall: float = 0.0  # the phase and its tail (requests in flight at the end)
     completed: int = 0
     completed_tokens: int = 0
     disconnected: int = 0
@@ -187,13 +189,23 @@ def queue_p99(before: dict[str, float], after: dict[str, float]) -> float:
 
 
 def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+    """Resident memory of ``pid`` and its children (the engine process), from /proc."""
+    total = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        if int(status.parent.name) == pid or int(fields.get("PPid", "0")) == pid:
+            total += int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+    return total
 
 
 async def run_phase(url: str, model: str, clients: int, seconds: float, args) -> Phase:
     ph = Phase(clients, seconds)
-    deadline = time.monotonic() + seconds
+    t0 = time.monotonic()
+    deadline = t0 + seconds
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     timeout = httpx.Timeout(args.client_timeout, connect=args.client_timeout)
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
@@ -204,6 +216,7 @@ async def run_phase(url: str, model: str, clients: int, seconds: float, args) ->
         for t in tasks:  # bounded: whatever is still in flight is cancelled (a disconnect)
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    ph.wall = time.monotonic() - t0
     return ph
 
 
@@ -222,6 +235,8 @@ def summary(ph: Phase, before: dict[str, float], after: dict[str, float]) -> dic
         "decode_step_ms": 1e3 * (after.get("decode_s", 0) - before.get("decode_s", 0))
         / decode_steps if decode_steps else float("nan"),
         "decode_steps": decode_steps,
+        "engine_busy": (after.get("decode_s", 0) + after.get("other_step_s", 0)
+                        - before.get("decode_s", 0) - before.get("other_step_s", 0)) / ph.wall,
         "queue_wait_p99_le_s": queue_p99(before, after),
         "errors": dict(ph.errors.most_common(8)),
     })

@@ -19,11 +19,12 @@ Engine-independent: it reads only ``projected_waiting`` and the outputs the serv
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import statistics
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 from server.errors import APIError
@@ -35,6 +36,11 @@ SERVICE_WINDOW = 64
 #: the departure rate is used once this many departures happened within RATE_WINDOW_SECONDS
 MIN_DEPARTURES = 16
 RATE_WINDOW_SECONDS = 60.0
+#: ... and they span at least this long (16 requests leaving in one step say little)
+MIN_RATE_SPAN_SECONDS = 5.0
+#: an admitted request counts as waiting here until its first output or this long (the
+#: engine counts it only once its stream starts, which may be after other requests' checks)
+RESERVATION_SECONDS = 5.0
 #: at most this long between SSE comments while a stream waits for its first output
 KEEPALIVE_SECONDS = 10.0
 
@@ -66,6 +72,27 @@ class Admission:
         self.max_queue_wait = max_queue_wait
         self._service: deque[float] = deque(maxlen=SERVICE_WINDOW)
         self._departures: deque[float] = deque(maxlen=SERVICE_WINDOW)
+        self._reserved: dict[int, tuple[float, int]] = {}  # token -> (admitted at, requests)
+        self._tokens = itertools.count()
+
+    def admit(self, engine_waiting: Callable[[int], int], n_new: int) -> int:
+        """Admit ``n_new`` requests or raise the 429 (:meth:`check`). ``engine_waiting(n)``
+        is the engine's count of requests that would wait if ``n`` more arrived; requests
+        admitted here whose streams have not reached the engine yet are added to ``n``.
+        Returns a token for :meth:`release` (at the first output)."""
+        now = time.monotonic()
+        for token, (at, _) in list(self._reserved.items()):
+            if now - at > RESERVATION_SECONDS:
+                del self._reserved[token]
+        reserved = sum(n for _, n in self._reserved.values())
+        self.check(engine_waiting(n_new + reserved), now)
+        token = next(self._tokens)
+        self._reserved[token] = (now, n_new)
+        return token
+
+    def release(self, token: int) -> None:
+        """The admitted requests of ``token`` are in the engine (its counts have them)."""
+        self._reserved.pop(token, None)
 
     def observe_service(self, seconds: float, now: float | None = None) -> None:
         """A request left its slot (``now``, ``time.monotonic()``) ``seconds`` after its first
@@ -83,9 +110,9 @@ class Admission:
         until MIN_DEPARTURES happened within RATE_WINDOW_SECONDS of ``now``)."""
         now = time.monotonic() if now is None else now
         recent = [t for t in self._departures if now - t <= RATE_WINDOW_SECONDS]
-        if len(recent) < MIN_DEPARTURES or recent[-1] <= recent[0]:
+        if len(recent) < MIN_DEPARTURES or now - recent[0] < MIN_RATE_SPAN_SECONDS:
             return None
-        return (len(recent) - 1) / (recent[-1] - recent[0])
+        return len(recent) / (now - recent[0])  # to now: a pause since the last one counts
 
     def expected_wait(self, ahead: int, now: float | None = None) -> float:
         """Seconds until ``ahead`` more requests have left their slots (0 when none is ahead
@@ -99,7 +126,7 @@ class Admission:
         >>> a.expected_wait(8), a.expected_wait(0)  # slots / service: 8 x 10 s / 4
         (20.0, 0.0)
         >>> for t in range(16): a.observe_service(10.0, now=100.0 + t / 2)  # 2 per second
-        >>> a.expected_wait(8, now=110.0)
+        >>> a.expected_wait(8, now=108.0)
         4.0
         """
         if ahead <= 0:
@@ -115,7 +142,7 @@ class Admission:
         queue, at least 1."""
         return str(max(1, math.ceil(self.expected_wait(excess))))
 
-    def check(self, waiting_after: int) -> None:
+    def check(self, waiting_after: int, now: float | None = None) -> None:
         """Raise a 429 unless a request that leaves ``waiting_after`` requests waiting (itself
         included; 0 if it gets a slot at once) may queue."""
         if waiting_after <= 0:
@@ -126,8 +153,7 @@ class Admission:
                      f"(--max-queue-len {self.max_queue_len}); retry later",
                 code="queue_full",
                 headers={"Retry-After": self.retry_after(waiting_after - self.max_queue_len)})
-        now = time.monotonic()
-        wait = self.expected_wait(waiting_after, now)
+        wait = self.expected_wait(waiting_after, time.monotonic() if now is None else now)
         if wait > self.max_queue_wait:
             per_s = waiting_after / wait
             allowed = math.floor(self.max_queue_wait * per_s)
@@ -141,11 +167,13 @@ class Admission:
 
 
 async def first_within(source: AsyncIterator[T], arrival: float, bound: float,
-                       keepalive: float | None) -> AsyncIterator[T | KeepAlive]:
+                       keepalive: float | None, settled: Callable[[], None] | None = None
+                       ) -> AsyncIterator[T | KeepAlive]:
     """``source``'s items; until the first, a :data:`KEEPALIVE` every ``keepalive`` seconds
     (None: none) and :class:`QueueTimeout` once ``bound`` seconds have passed since
     ``arrival`` (``time.monotonic()``), which closes ``source`` (aborting its requests). After
-    the first item it only passes items on."""
+    the first item it only passes items on. ``settled`` is called once: at the first item, or
+    when ``source`` ends or fails before one."""
     it = source.__aiter__()
     deadline = arrival + bound
     nxt = asyncio.ensure_future(it.__anext__())
@@ -160,6 +188,9 @@ async def first_within(source: AsyncIterator[T], arrival: float, bound: float,
                 break
             if keepalive is not None and deadline - time.monotonic() > 0:
                 yield KEEPALIVE
+        if settled is not None:
+            settled()
+            settled = None
         try:
             first = nxt.result()
         except StopAsyncIteration:
@@ -169,6 +200,8 @@ async def first_within(source: AsyncIterator[T], arrival: float, bound: float,
         async for item in it:
             yield item
     finally:
+        if settled is not None:
+            settled()
         if nxt is not None and not nxt.done():
             nxt.cancel()
             await asyncio.gather(nxt, return_exceptions=True)

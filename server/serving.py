@@ -156,9 +156,11 @@ class Submitted(list):
     """The engine streams of one HTTP request (one per prompt and choice), and its arrival
     time (``time.monotonic()``), from which its queue wait is bounded."""
 
-    def __init__(self, streams: Sequence[AsyncIterator[RequestOutput]], arrival: float) -> None:
+    def __init__(self, streams: Sequence[AsyncIterator[RequestOutput]], arrival: float,
+                 reservation: int | None = None) -> None:
         super().__init__(streams)
         self.arrival = arrival
+        self.reservation = reservation  # server.admission.Admission.release at first output
 
 
 class OpenAIServing:
@@ -205,11 +207,12 @@ class OpenAIServing:
             raise APIError(404, f"The model `{name}` does not exist (this server serves "
                                 f"`{self.model_name}`).", param="model", code="model_not_found")
 
-    def check_queue(self, n_new: int) -> None:
+    def check_queue(self, n_new: int) -> int:
         """429 if admitting ``n_new`` requests would leave more than --max-queue-len waiting
         for a KV slot, or one expected to wait longer than --max-queue-wait (requests that
-        find a free slot at once do not queue): :class:`server.admission.Admission`."""
-        self.admission.check(self.engine.projected_waiting(n_new))
+        find a free slot at once do not queue): :class:`server.admission.Admission`. Returns
+        the admission's reservation."""
+        return self.admission.admit(self.engine.projected_waiting, n_new)
 
     def admit(self, model: str | None) -> ModelInfo:
         """Ready and the right model name, or the error that says which is not."""
@@ -220,10 +223,10 @@ class OpenAIServing:
     def _submit(self, prefix: str, prompts: Sequence[list[int]],
                 params: Sequence[Sequence[SamplingParams]], arrival: float
                 ) -> Submitted:
-        self.check_queue(sum(len(p) for p in params))
+        reservation = self.check_queue(sum(len(p) for p in params))
         return Submitted([self.engine.generate(f"{prefix}-{i}-{j}", ids, sp, arrival)
                           for i, (ids, sps) in enumerate(zip(prompts, params))
-                          for j, sp in enumerate(sps)], arrival)
+                          for j, sp in enumerate(sps)], arrival, reservation)
 
     def _outputs(self, streams: Submitted, stream: bool
                  ) -> AsyncIterator[tuple[int, RequestOutput] | KeepAlive]:
@@ -231,14 +234,17 @@ class OpenAIServing:
         --max-queue-wait of arrival; while waiting, a stream gets :data:`KEEPALIVE` items."""
         bound = self.config.max_queue_wait
         keepalive = min(KEEPALIVE_SECONDS, bound / 3) if stream else None
-        return first_within(merged(streams), streams.arrival, bound, keepalive)
+        reservation = streams.reservation
+        return first_within(merged(streams), streams.arrival, bound, keepalive,
+                            None if reservation is None else
+                            lambda: self.admission.release(reservation))
 
     def _served(self, first_at: dict[int, float], i: int, o: RequestOutput) -> None:
-        """Service time for admission: from a request's first output to its end."""
+        """For admission: the service time runs from a request's first output to its end."""
         now = time.monotonic()
         start = first_at.setdefault(i, now)
         if o.finished:
-            self.admission.observe_service(now - start)
+            self.admission.observe_service(now - start, now)
 
     # -- chat ----------------------------------------------------------------------------
 

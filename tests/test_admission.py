@@ -72,15 +72,32 @@ def test_refuses_what_would_wait_longer_than_the_bound_with_an_estimated_retry_a
 def test_the_measured_departure_rate_replaces_the_model_once_there_are_enough_departures():
     """Under overload the slots turn over slower than slots / service time says (the prefills
     of the requests that take the freed slots, time between steps): the measured rate rules."""
-    a = Admission(slots=2, max_queue_len=100, max_queue_wait=10)
-    for i in range(15):  # 4 s each on 2 slots would be 0.5/s; they leave at 0.25/s
-        a.observe_service(4.0, now=1000.0 + 4 * i)
-    assert a.departure_rate(now=1060.0) is None  # 15 < MIN_DEPARTURES: the model
-    assert a.expected_wait(3, now=1060.0) == 6.0
-    a.observe_service(4.0, now=1060.0)
-    assert a.departure_rate(now=1060.0) == 0.25
-    assert a.expected_wait(3, now=1060.0) == 12.0
-    assert a.departure_rate(now=1060.0 + 200) is None  # old departures say nothing
+    a = Admission(slots=1, max_queue_len=100, max_queue_wait=10)
+    for i in range(15):  # 1 s each on 1 slot would be 1/s; they leave at 0.5/s
+        a.observe_service(1.0, now=1000.0 + 2 * i)
+    assert a.departure_rate(now=1030.0) is None  # 15 < MIN_DEPARTURES: the model
+    assert a.expected_wait(3, now=1030.0) == 3.0
+    a.observe_service(1.0, now=1030.0)
+    assert a.departure_rate(now=1032.0) == 0.5  # 16 departures over the 32 s to now
+    assert a.expected_wait(3, now=1032.0) == 6.0
+    assert a.departure_rate(now=1032.0 + 200) is None  # old departures say nothing
+    b = Admission(slots=2, max_queue_len=100, max_queue_wait=10)
+    for _ in range(16):  # all in one step: no rate from that
+        b.observe_service(4.0, now=50.0)
+    assert b.departure_rate(now=51.0) is None
+
+
+def test_admitted_requests_count_until_their_streams_reach_the_engine():
+    """A burst is checked before any of its streams has started (the engine has not seen
+    them yet): each admitted request counts until its first output, or for a few seconds."""
+    a = Admission(slots=1, max_queue_len=3, max_queue_wait=100)
+    engine_waiting = lambda n: max(0, n - 1)  # noqa: E731 - an idle engine with one free slot
+    tokens = [a.admit(engine_waiting, 1) for _ in range(4)]  # 1 slot + 3 waiting
+    with pytest.raises(APIError) as e:
+        a.admit(engine_waiting, 1)
+    assert e.value.code == "queue_full"
+    a.release(tokens[0])
+    a.admit(engine_waiting, 1)
 
 
 # -- first_within -------------------------------------------------------------------------
