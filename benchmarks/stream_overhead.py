@@ -86,6 +86,9 @@ def main() -> None:
     p.description = __doc__
     p.add_argument("--streams", type=int, default=256)
     p.add_argument("--port", type=int, default=8411)
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="extra `ragserve serve` argument (repeatable), e.g. "
+                        "--server-arg=--engine-process=false")
     args = p.parse_args()
     if args.quick:
         args.streams = 64
@@ -102,7 +105,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "server", "--model", str(model), "--served-model-name", "tiny",
            "--port", str(args.port), "--max-num-seqs", str(args.streams), "--max-model-len",
            "256", "--dtype", "float32", "--max-queue-len", str(4 * args.streams),
-           "--log-level", "warning"]
+           "--log-level", "warning", *args.server_arg]
     log = open(cache / "stream_overhead_server.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -130,7 +133,8 @@ def main() -> None:
     delivered = after[5] - before[5]
     added = (after[4] - before[4]) / delivered if delivered else float("nan")
     result = {
-        "streams": args.streams, "requests": args.requests, "max_tokens": args.max_tokens,
+        "streams": args.streams, "requests": args.requests, "server_args": args.server_arg,
+        "max_tokens": args.max_tokens,
         "completed": load["completed"], "errors": load["errors"],
         "error_examples": load["error_examples"],
         "output_tok_s": load["output_tok_s"],

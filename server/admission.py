@@ -38,8 +38,8 @@ MIN_DEPARTURES = 16
 RATE_WINDOW_SECONDS = 60.0
 #: ... and they span at least this long (16 requests leaving in one step say little)
 MIN_RATE_SPAN_SECONDS = 5.0
-#: an admitted request counts as waiting here until its first output or this long (the
-#: engine counts it only once its stream starts, which may be after other requests' checks)
+#: an admitted request counts as waiting here until its stream has started (the engine counts
+#: it from then on, which may be after other requests' checks) or, if it never starts, this long
 RESERVATION_SECONDS = 5.0
 #: at most this long between SSE comments while a stream waits for its first output
 KEEPALIVE_SECONDS = 10.0
@@ -79,16 +79,22 @@ class Admission:
         """Admit ``n_new`` requests or raise the 429 (:meth:`check`). ``engine_waiting(n)``
         is the engine's count of requests that would wait if ``n`` more arrived; requests
         admitted here whose streams have not reached the engine yet are added to ``n``.
-        Returns a token for :meth:`release` (at the first output)."""
+        Returns a token for :meth:`release` (once the engine has the requests)."""
+        now = time.monotonic()
+        self.check(engine_waiting(n_new + self.reserved), now)
+        token = next(self._tokens)
+        self._reserved[token] = (now, n_new)
+        return token
+
+    @property
+    def reserved(self) -> int:
+        """Requests admitted here that the engine may not count yet (reservations expire
+        after RESERVATION_SECONDS)."""
         now = time.monotonic()
         for token, (at, _) in list(self._reserved.items()):
             if now - at > RESERVATION_SECONDS:
                 del self._reserved[token]
-        reserved = sum(n for _, n in self._reserved.values())
-        self.check(engine_waiting(n_new + reserved), now)
-        token = next(self._tokens)
-        self._reserved[token] = (now, n_new)
-        return token
+        return sum(n for _, n in self._reserved.values())
 
     def release(self, token: int) -> None:
         """The admitted requests of ``token`` are in the engine (its counts have them)."""
@@ -172,12 +178,20 @@ async def first_within(source: AsyncIterator[T], arrival: float, bound: float,
     """``source``'s items; until the first, a :data:`KEEPALIVE` every ``keepalive`` seconds
     (None: none) and :class:`QueueTimeout` once ``bound`` seconds have passed since
     ``arrival`` (``time.monotonic()``), which closes ``source`` (aborting its requests). After
-    the first item it only passes items on. ``settled`` is called once: at the first item, or
-    when ``source`` ends or fails before one."""
+    the first item it only passes items on. ``settled`` is called once ``source`` has
+    started: asyncio runs ready tasks in order, so after two turns of the loop the task that
+    takes its first item has run the synchronous start of ``source`` (merged streams start
+    their pumps on the first turn, the engines register their requests on the second). If
+    ``source`` never starts (closed first), it is called on the way out."""
     it = source.__aiter__()
     deadline = arrival + bound
     nxt = asyncio.ensure_future(it.__anext__())
     try:
+        if settled is not None:
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            settled()
+            settled = None
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -188,9 +202,6 @@ async def first_within(source: AsyncIterator[T], arrival: float, bound: float,
                 break
             if keepalive is not None and deadline - time.monotonic() > 0:
                 yield KEEPALIVE
-        if settled is not None:
-            settled()
-            settled = None
         try:
             first = nxt.result()
         except StopAsyncIteration:

@@ -38,6 +38,7 @@ from server.preprocess import (
     completion_prompts,
     echo_texts,
     message_dicts,
+    prompt_list,
     sampling_params,
 )
 from server.protocol import (
@@ -160,7 +161,7 @@ class Submitted(list):
                  reservation: int | None = None) -> None:
         super().__init__(streams)
         self.arrival = arrival
-        self.reservation = reservation  # server.admission.Admission.release at first output
+        self.reservation = reservation  # released once the engine has the requests
 
 
 class OpenAIServing:
@@ -214,6 +215,12 @@ class OpenAIServing:
         the admission's reservation."""
         return self.admission.admit(self.engine.projected_waiting, n_new)
 
+    def precheck_queue(self, n_new: int) -> None:
+        """The queue check before the request's costly part (templating, tokenizing,
+        retrieval), so that a refusal under overload costs little; :meth:`check_queue`
+        decides (and reserves) once the request is ready to go in."""
+        self.admission.check(self.engine.projected_waiting(n_new + self.admission.reserved))
+
     def admit(self, model: str | None) -> ModelInfo:
         """Ready and the right model name, or the error that says which is not."""
         self.check_ready()
@@ -252,6 +259,7 @@ class OpenAIServing:
         arrival = time.monotonic()
         info = self.admit(req.model)
         check_unsupported(req)
+        self.precheck_queue(req.n)
         rag = await self._rag_prompt(req, info) if req.rag is not None else None
         ids = rag.prompt_ids if rag else chat_prompt_ids(info.tokenizer, req, self.chat_template)
         params = [sampling_params(req, len(ids), info, i) for i in range(req.n)]
@@ -358,6 +366,7 @@ class OpenAIServing:
         arrival = time.monotonic()
         info = self.admit(req.model)
         check_unsupported(req)
+        self.precheck_queue(req.n * len(prompt_list(req.prompt)))
         prompts = completion_prompts(info.tokenizer, req.prompt)
         params = [[sampling_params(req, len(ids), info, j) for j in range(req.n)]
                   for ids in prompts]

@@ -247,3 +247,26 @@ def test_refused_at_once_when_the_expected_wait_exceeds_the_bound(slow_server: s
     text = httpx.get(f"{slow_server}/metrics").text  # nothing left behind
     assert metric(text, "vllm:num_requests_running") == 0
     assert metric(text, "vllm:num_requests_waiting") == 0
+
+
+def test_first_within_settles_once_its_source_has_started():
+    """The reservation is released once the engine has registered the request: the
+    synchronous start of the source (here: of each of two merged streams) has run."""
+    from server.serving import merged
+
+    started: list[int] = []
+
+    async def engine_stream(i: int):
+        started.append(i)  # what an engine's generate does before its first await
+        await asyncio.sleep(0.05)
+        yield i
+
+    async def run() -> tuple[list, list]:
+        seen_at_settle: list = []
+        source = merged([engine_stream(0), engine_stream(1)])
+        got = [x async for x in first_within(source, time.monotonic(), 5.0, None,
+                                             lambda: seen_at_settle.append(list(started)))]
+        return got, seen_at_settle
+
+    got, seen = asyncio.run(run())
+    assert seen == [[0, 1]] and sorted(i for i, _ in got) == [0, 1]
