@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from serverutil import ThreadServer, engine_flags, start_subprocess, wait_ready
 
 from server.app import build_app
@@ -94,10 +95,14 @@ def test_a_failing_step_answers_500_for_its_requests_and_the_server_keeps_servin
         assert after.status_code == 200
 
 
+@pytest.mark.parametrize("process", ["false", "true"])
 def test_sigterm_drains_in_flight_requests_then_exits_0(engine_name: str, tiny_llama_dir: Path,
-                                                       tmp_path: Path):
+                                                       tmp_path: Path, process: str):
+    """With ragserve's engine on a thread and in its own process (vLLM's: once)."""
+    if engine_name != "ragserve" and process == "true":
+        pytest.skip("--engine-process is ragserve's engine's")
     buckets = ["--context-encoding-buckets", "16,32,64,128", "--token-generation-buckets",
-               "32,64,128,256"] if engine_name == "ragserve" else []
+               "32,64,128,256", "--engine-process", process] if engine_name == "ragserve" else []
     proc, url = start_subprocess([
         "--model", str(tiny_llama_dir), "--dtype", "float32", "--max-model-len", "256",
         "--max-num-seqs", "2", *buckets, "--shutdown-grace-seconds", "60",
@@ -148,14 +153,14 @@ def children(pid: int) -> list[int]:
 
 def test_the_engine_runs_in_its_own_process_and_its_death_fails_the_server(
         tiny_llama_dir: Path, tmp_path: Path):
-    """ragserve's engine loop is a child process (--engine-process, the default). If it dies,
+    """ragserve's engine loop in a child process (--engine-process true). If it dies,
     a stream in flight ends with an engine_unavailable error event and the server exits
     non-zero, so that the orchestrator restarts it."""
     proc, url = start_subprocess([
         "--model", str(tiny_llama_dir), "--dtype", "float32", "--max-model-len", "256",
         "--max-num-seqs", "2", "--context-encoding-buckets", "16,32,64,128",
         "--token-generation-buckets", "32,64,128,256", "--served-model-name", "tiny",
-        "--kernels", "step=eager"], tmp_path / "server.log")
+        "--kernels", "step=eager", "--engine-process", "true"], tmp_path / "server.log")
     try:
         wait_ready(url, proc=proc)
         # multiprocessing's spawned child (its resource tracker is another child)
