@@ -10,7 +10,9 @@ timeout. The load generator runs at a lower priority than the server (``nice``),
 server has the CPU first.
 
 Reported per phase: completed requests/s and completed output tokens/s (requests that ran to
-their end within the phase), the engine's generated tokens/s (all of them), refusals, client
+their end within the phase, as the client saw them), the requests the engine ran to their end
+per second of the phase and its tail (the server's count: a load generator short of CPU reads
+late), the engine's generated tokens/s (all of them), refusals, client
 timeouts, failures (5xx or a broken connection), the time to the response's status (served or
 refused) p50/p99, the time to the first byte, the engine's mean decode step time and the share
 of the phase it spent in steps, and the queue wait p99 (``vllm:request_queue_time_seconds``);
@@ -171,6 +173,9 @@ def scrape(url: str) -> dict[str, float]:
             out["other_steps"] += float(value)
         elif name.startswith("vllm:generation_tokens_total"):
             out["generated"] += float(value)
+        elif name.startswith("vllm:request_success_total") and (
+                'finished_reason="length"' in name or 'finished_reason="stop"' in name):
+            out["finished"] += float(value)
         elif name.startswith("vllm:request_queue_time_seconds_bucket"):
             le = name.split('le="', 1)[1].split('"', 1)[0]
             out[f"queue_le_{le}"] += float(value)
@@ -230,6 +235,8 @@ def summary(ph: Phase, before: dict[str, float], after: dict[str, float]) -> dic
         "completed_per_s": ph.completed / ph.seconds,
         "completed_tok_s": ph.completed_tokens / ph.seconds,
         "engine_tok_s": (after.get("generated", 0) - before.get("generated", 0)) / ph.wall,
+        "server_completed_per_s": (after.get("finished", 0) - before.get("finished", 0))
+        / ph.wall,
         "completed": ph.completed, "disconnected": ph.disconnected, "refused": ph.refused,
         "queue_timeouts": ph.queue_timeouts, "client_timeouts": ph.client_timeouts,
         "failures": ph.failures, "hostile": ph.hostile, "hostile_not_4xx": ph.hostile_not_4xx,
@@ -317,6 +324,8 @@ def main() -> None:
         if base["completed_tok_s"] else float("nan"),
         "decode_step_ratio": over["decode_step_ms"] / base["decode_step_ms"],
         "engine_tok_s_ratio": over["engine_tok_s"] / base["engine_tok_s"],
+        "server_completed_per_s_ratio": over["server_completed_per_s"]
+        / base["server_completed_per_s"],
         "after_run": {k: left.get(k, 0) for k in ("vllm:num_requests_running",
                                                   "vllm:num_requests_waiting",
                                                   "vllm:kv_cache_usage_perc")},

@@ -92,22 +92,17 @@ def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
         sink.put_nowait(output)
 
 
-class AsyncEngine:
-    """Thread-safe front of ragserve's engine; ``generate`` is an async iterator of outputs."""
+class EngineFront:
+    """What both fronts of ragserve's engine keep (this thread engine, and
+    :class:`server.engine_process.ProcessEngine`): load state, queue counts, the observer."""
 
     name = "ragserve"
 
-    def __init__(self, factory: Callable[[], Engine], observer: EngineObserver | None = None,
-                 on_failure: FailureCallback | None = None) -> None:
-        self._factory = factory
+    def __init__(self, observer: EngineObserver | None,
+                 on_failure: FailureCallback | None) -> None:
         self._observer = observer
         self._on_failure = on_failure
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ragserve-engine", daemon=True)
-        self._tracked: dict[str, _Tracked] = {}
-        self.engine: Engine | None = None
         self._info: ModelInfo | None = None
         self.state = EngineState.LOADING
         self.error: str | None = None
@@ -121,18 +116,6 @@ class AsyncEngine:
         # each written by one thread only: submitted - applied = adds not yet applied
         self._submitted = 0
         self._applied = 0
-
-    # -- life cycle ----------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        self.state = EngineState.STOPPED
 
     @property
     def ready(self) -> bool:
@@ -149,6 +132,40 @@ class AsyncEngine:
         """How many requests would wait for a KV slot if ``n_new`` more arrived now."""
         pending = self._submitted - self._applied
         return max(0, self.num_waiting + pending + n_new - self.num_free_slots)
+
+    def _notify(self, event: str, *stats: object) -> None:
+        if self._observer is None:
+            return
+        try:
+            getattr(self._observer, event)(*stats)
+        except Exception:  # metrics must never take the engine down
+            log.exception("observer %s failed", event)
+
+
+class AsyncEngine(EngineFront):
+    """Thread-safe front of ragserve's engine; ``generate`` is an async iterator of outputs."""
+
+    def __init__(self, factory: Callable[[], Engine], observer: EngineObserver | None = None,
+                 on_failure: FailureCallback | None = None) -> None:
+        super().__init__(observer, on_failure)
+        self._factory = factory
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ragserve-engine", daemon=True)
+        self._tracked: dict[str, _Tracked] = {}
+        self.engine: Engine | None = None
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.state = EngineState.STOPPED
 
     # -- requests (called from the event loop) -------------------------------------------
 
@@ -236,14 +253,6 @@ class AsyncEngine:
 
     def _flush(self) -> None:
         """The end of a loop iteration: what it delivered may go out together."""
-
-    def _notify(self, event: str, *stats: object) -> None:
-        if self._observer is None:
-            return
-        try:
-            getattr(self._observer, event)(*stats)
-        except Exception:  # metrics must never take the engine down
-            log.exception("observer %s failed", event)
 
     def _apply_commands(self) -> None:
         engine = self.engine

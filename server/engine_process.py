@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-import queue
 import signal
 import threading
 import time
@@ -39,14 +38,13 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from scheduler import SamplingParams
-from server.async_engine import AsyncEngine, EngineObserver, _deliver
+from server.async_engine import AsyncEngine, EngineFront, EngineObserver, _deliver
 from server.engine import Engine, EngineConfig
 from server.engine_client import (
     EngineDead,
     EngineNotReady,
     EngineState,
     FailureCallback,
-    ModelInfo,
 )
 from server.output import RequestOutput
 
@@ -77,13 +75,20 @@ class _Immediate:
 
 @dataclass
 class _RemoteSink:
-    """Stands in for a request's asyncio queue in the child."""
+    """Stands in for a request's asyncio queue in the child. An output goes out as what is new
+    in it (the front keeps the cumulative text, tokens and logprobs): a snapshot would carry
+    the prompt and everything generated so far, every step, for every request."""
 
     request_id: str
     outbox: _Outbox
 
     def put_nowait(self, item: RequestOutput | BaseException) -> None:
-        self.outbox.items.append(("out", self.request_id, item))
+        if isinstance(item, BaseException):
+            self.outbox.items.append(("err", self.request_id, item))
+        else:
+            self.outbox.items.append(("out", self.request_id, (
+                item.delta, item.new_token_ids, item.new_logprobs, item.finish_reason,
+                item.stop_reason, item.produced_at)))
 
 
 class _RemoteObserver:
@@ -169,36 +174,42 @@ def _child_main(config: EngineConfig, commands: Connection, out: Connection,
 
 @dataclass
 class _Tracked:
+    """A request in the front: where its outputs go, and what it has produced so far."""
+
     loop: asyncio.AbstractEventLoop
     sink: asyncio.Queue
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple = ()
+
+    def snapshot(self, new: tuple) -> RequestOutput:
+        """The cumulative output after ``new`` (what the child's _RemoteSink sent)."""
+        delta, new_token_ids, new_logprobs, finish_reason, stop_reason, produced_at = new
+        self.text += delta
+        self.token_ids += new_token_ids
+        if new_logprobs:
+            self.logprobs += new_logprobs
+        return RequestOutput(
+            request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
+            text=self.text, delta=delta, token_ids=self.token_ids,
+            new_token_ids=new_token_ids, logprobs=self.logprobs, new_logprobs=new_logprobs,
+            finish_reason=finish_reason, stop_reason=stop_reason, produced_at=produced_at)
 
 
-class ProcessEngine:
+class ProcessEngine(EngineFront):
     """The front of ragserve's engine in a child process; the same interface as
     :class:`server.async_engine.AsyncEngine`."""
 
-    name = "ragserve"
-
     def __init__(self, config: EngineConfig, observer: EngineObserver | None = None,
                  on_failure: FailureCallback | None = None) -> None:
+        super().__init__(observer, on_failure)
         self._config = config
-        self._observer = observer
-        self._on_failure = on_failure
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._tracked: dict[str, _Tracked] = {}
         self._lock = threading.Lock()  # _tracked: the event loop adds, the reader removes
-        self._info: ModelInfo | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._stopping = False
-        self.state = EngineState.LOADING
-        self.error: str | None = None
-        self.load_seconds: float | None = None
-        self.load_status: str | None = None
-        self.load_progress: float | None = None
-        self.num_waiting = 0
-        self.num_free_slots = 0
-        self._submitted = 0
-        self._applied = 0
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -228,22 +239,6 @@ class ProcessEngine:
                 self._process.join(5)
         self.state = EngineState.STOPPED
 
-    @property
-    def ready(self) -> bool:
-        return self.state == EngineState.READY
-
-    @property
-    def info(self) -> ModelInfo | None:
-        return self._info
-
-    def metrics_text(self) -> bytes:
-        return self._observer.render() if self._observer is not None else b""
-
-    def projected_waiting(self, n_new: int) -> int:
-        """How many requests would wait for a KV slot if ``n_new`` more arrived now."""
-        pending = self._submitted - self._applied
-        return max(0, self.num_waiting + pending + n_new - self.num_free_slots)
-
     # -- requests (called from the event loop) -------------------------------------------
 
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
@@ -254,7 +249,8 @@ class ProcessEngine:
             raise EngineNotReady(f"engine is {self.state.value}")
         sink: asyncio.Queue = asyncio.Queue()
         with self._lock:
-            self._tracked[request_id] = _Tracked(asyncio.get_running_loop(), sink)
+            self._tracked[request_id] = _Tracked(asyncio.get_running_loop(), sink, request_id,
+                                                 tuple(prompt_token_ids))
         self._submitted += 1
         self._commands.put(("add", request_id, list(prompt_token_ids), params,
                             time.monotonic() if arrival is None else arrival))
@@ -302,12 +298,13 @@ class ProcessEngine:
                 deliveries: dict[asyncio.AbstractEventLoop, list] = {}
                 for item in items:
                     kind = item[0]
-                    if kind == "out":
+                    if kind in ("out", "err"):
                         with self._lock:
                             tracked = self._tracked.get(item[1])
                         if tracked is not None:
+                            output = tracked.snapshot(item[2]) if kind == "out" else item[2]
                             deliveries.setdefault(tracked.loop, []).append((tracked.sink,
-                                                                            item[2]))
+                                                                            output))
                     elif kind == "obs":
                         self._notify(item[1], *item[2])
                     elif kind == "state":
@@ -347,11 +344,3 @@ class ProcessEngine:
         log.error("%s", error)
         if self._on_failure is not None:
             self._on_failure(error)
-
-    def _notify(self, event: str, *stats: object) -> None:
-        if self._observer is None:
-            return
-        try:
-            getattr(self._observer, event)(*stats)
-        except Exception:  # metrics must never take the engine down
-            log.exception("observer %s failed", event)

@@ -186,8 +186,9 @@ def test_the_engine_runs_in_its_own_process_and_its_death_fails_the_server(
 
 
 def test_the_engine_process_gives_the_thread_engines_tokens_and_metrics(tiny_llama_dir: Path):
-    """The same loop on a thread and in a child process: the same greedy tokens for requests
-    that share batches, the same step and request counts in the metrics."""
+    """The same loop on a thread and in a child process: the same greedy tokens, text and
+    logprobs for requests that share batches (the child sends only what is new; the front
+    rebuilds the snapshots), the same request and token counts in the metrics."""
     from scheduler import SamplingParams
     from server.async_engine import AsyncEngine
     from server.engine_process import ProcessEngine
@@ -196,19 +197,20 @@ def test_the_engine_process_gives_the_thread_engines_tokens_and_metrics(tiny_lla
     cfg = tiny_engine_config(tiny_llama_dir)
     prompts = [[1, 2, 3], [40, 41, 42, 43, 44], [7] * 20]
 
-    async def run(engine) -> list[tuple[int, ...]]:
+    async def run(engine) -> list[tuple]:
         engine.start()
         deadline = time.monotonic() + 120
         while not engine.ready:
             assert time.monotonic() < deadline and engine.error is None, engine.error
             await asyncio.sleep(0.05)
 
-        async def one(i: int, ids: list[int]) -> tuple[int, ...]:
-            last = None
-            async for o in engine.generate(f"r{i}", ids, SamplingParams(
-                    max_tokens=12, temperature=0, ignore_eos=True)):
-                last = o
-            return tuple(last.token_ids)
+        async def one(i: int, ids: list[int]) -> tuple:
+            outputs = [o async for o in engine.generate(f"r{i}", ids, SamplingParams(
+                max_tokens=12, temperature=0, ignore_eos=True, logprobs=2))]
+            last = outputs[-1]
+            assert "".join(o.delta for o in outputs) == last.text
+            assert sum((o.new_token_ids for o in outputs), ()) == last.token_ids
+            return last.token_ids, last.text, last.logprobs, last.prompt_token_ids
 
         try:
             return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
