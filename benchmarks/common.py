@@ -78,5 +78,23 @@ def emit(name: str, args: argparse.Namespace, result: dict[str, Any]) -> None:
     print(json.dumps(out, sort_keys=False, default=float), flush=True)
 
 
+def wait_server_ready(proc: subprocess.Popen, url: str, log_name: str, timeout: float) -> None:
+    """Until ``url``'s /ready answers 200; raises if ``proc`` exits or ``timeout`` passes."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"server did not become ready (see {log_name})")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+
+
 def round_floats(d: dict[str, Any], ndigits: int = 4) -> dict[str, Any]:
     return {k: round(v, ndigits) if isinstance(v, float) else v for k, v in d.items()}

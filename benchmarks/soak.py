@@ -38,7 +38,14 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import emit, median, parser, percentile, round_floats
+from benchmarks.common import (
+    emit,
+    median,
+    parser,
+    percentile,
+    round_floats,
+    wait_server_ready,
+)
 from benchmarks.compare_engines import wait_kernels
 from benchmarks.serve_load import prompt_text
 
@@ -108,7 +115,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict, disconnect
                 ph.errors[f"status {r.status_code}"] += 1
                 await r.aread()
                 return
-            events, tokens, first = 0, None, True
+            events, tokens, first, failed = 0, None, True, False
             async for line in r.aiter_lines():
                 if first:
                     ph.first_byte_s.append(time.monotonic() - t0)
@@ -119,6 +126,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict, disconnect
                     break
                 event = json.loads(line[6:])
                 if "error" in event:
+                    failed = True
                     code = event["error"].get("code")
                     ph.queue_timeouts += code == "queue_timeout"
                     ph.failures += code != "queue_timeout"
@@ -131,7 +139,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict, disconnect
                     if disconnect_after is not None and events >= disconnect_after:
                         ph.disconnected += 1
                         return  # leaving the block closes the connection
-            if tokens is not None and time.monotonic() <= deadline:
+            if tokens is not None and not failed and time.monotonic() <= deadline:
                 ph.completed += 1
                 ph.completed_tokens += tokens
     except httpx.ReadTimeout:
@@ -280,16 +288,7 @@ def main() -> None:
     log = open(cache / "soak_server.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 900
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not become ready (see {log.name})")
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        wait_server_ready(proc, url, log.name, 900)
         wait_kernels(url, 900)
         os.nice(10)  # the load generator yields the CPU to the server
         rss0 = rss_bytes(proc.pid)

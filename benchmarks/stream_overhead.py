@@ -29,13 +29,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from benchmarks import serve_load
-from benchmarks.common import emit, round_floats
+from benchmarks.common import emit, round_floats, wait_server_ready
 
 
 def tiny_model(out: Path) -> Path:
@@ -109,16 +108,7 @@ def main() -> None:
     log = open(cache / "stream_overhead_server.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not become ready (see {log.name})")
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
+        wait_server_ready(proc, url, log.name, 600)
         before = totals(httpx.get(f"{url}/metrics").text)
         load = asyncio.run(serve_load.run(args))
         after = totals(httpx.get(f"{url}/metrics").text)

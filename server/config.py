@@ -59,10 +59,6 @@ def vllm_arg(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def _auto_bool(text: str) -> bool | None:
-    return None if text.strip().lower() == "auto" else _bool(text)
-
-
 def _bool(text: str) -> bool:
     low = text.strip().lower()
     if low in ("1", "true", "yes", "on"):
@@ -93,7 +89,7 @@ class ServerConfig:
     token_generation_buckets: tuple[int, ...] | None = None
     max_queue_len: int = 256
     max_queue_wait: float = 30.0
-    engine_process: bool | None = None  # None: auto (server.engines.engine_process_pays)
+    engine_process: bool = True
     max_request_bytes: int = 4 * 2**20
     shutdown_grace_seconds: float = 30.0
     compile: bool = False
@@ -258,12 +254,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="seconds a request may wait for a sequence slot: one expected to wait "
                         "longer (from the measured service time) gets 429 with Retry-After at "
                         "once; one admitted that still waits longer ends with an error")
-    p.add_argument("--engine-process", type=_auto_bool, nargs="?", const=True,
+    p.add_argument("--engine-process", type=_bool, nargs="?", const=True,
                    default=d.engine_process,
                    help="run ragserve's engine loop in a process of its own, so that the HTTP "
-                        "side cannot slow it (true), or on a thread of the server (false); "
-                        "auto (default): a process when the engine's compute leaves a CPU for "
-                        "the HTTP side (a GPU or Neuron device, or more CPUs than torch threads)")
+                        "side cannot slow it (default true; false: a thread of the server)")
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                    help="request bodies beyond this get 413")
     p.add_argument("--shutdown-grace-seconds", type=float, default=d.shutdown_grace_seconds,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from server.config import ServerConfig
@@ -23,31 +22,13 @@ def build_engine(config: ServerConfig, served_name: Callable[[], str],
     return _ragserve_engine(config, served_name, on_failure, factory)
 
 
-def engine_process_pays(config: ServerConfig) -> bool:
-    """``--engine-process``, or for auto: whether the engine loop gets a process of its own.
-    It pays when the HTTP side then runs on a CPU the engine does not use: the model runs on a
-    GPU or Neuron device, or the machine has more CPUs than torch's compute threads. On a
-    machine whose every CPU runs torch's threads, the two processes fight for the cores (torch's
-    threads wait on each other whenever the HTTP process takes a core) and a thread of the
-    server is faster: BENCHMARKS.md, "Overload and hostile input"."""
-    if config.engine_process is not None:
-        return config.engine_process
-    if config.device != "cpu":
-        return True
-    import torch
-
-    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere every CPU
-    cpus = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
-    return cpus > torch.get_num_threads()
-
-
 def _ragserve_engine(config: ServerConfig, served_name: Callable[[], str],
                      on_failure: FailureCallback | None,
                      factory: Callable[[], Engine] | None) -> EngineClient:
     from server.async_engine import AsyncEngine
     from server.metrics import EngineMetrics
 
-    if factory is None and engine_process_pays(config):
+    if factory is None and config.engine_process:
         from server.engine_process import ProcessEngine
 
         return ProcessEngine(config.engine_config(), observer=EngineMetrics(served_name),
