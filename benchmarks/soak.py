@@ -7,7 +7,9 @@ invalid UTF-8, NaN, deep nesting, a wrong Content-Type, an unknown field), which
 25% of its streams disconnect after a few events; a 429 or 503 makes it sleep ``Retry-After``
 and go on. A stream that receives no byte for ``--client-timeout`` seconds (120) is a client
 timeout. The load generator runs at a lower priority than the server (``nice``), so that the
-server has the CPU first.
+server has the CPU first. So that a late status is not just the starved load generator's, a
+probe process at the server's priority sends one short streamed request every 0.5 s and times
+its response status (``probe_status_*``).
 
 Reported per phase: completed requests/s and completed output tokens/s (requests that ran to
 their end within the phase, as the client saw them), the requests the engine ran to their end
@@ -261,7 +263,40 @@ def summary(ph: Phase, before: dict[str, float], after: dict[str, float]) -> dic
     })
 
 
+def probe(url: str, out: str, interval: float) -> None:
+    """A client at the server's priority, apart from the niced load: every ``interval``
+    seconds a streamed request, timed to its response status (then closed), one JSON line per
+    request in ``out``: what a client that has CPU sees, served or refused. Runs until killed."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "probe"}], "max_tokens": 4,
+            "stream": True}
+    with open(out, "a") as f, httpx.Client(timeout=120) as client:
+        while True:
+            t0 = time.time()
+            try:
+                with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+                    status = r.status_code
+            except httpx.TransportError as e:
+                status = type(e).__name__
+            f.write(json.dumps({"t": t0, "s": time.time() - t0, "status": status}) + "\n")
+            f.flush()
+            time.sleep(max(0.0, interval - (time.time() - t0)))
+
+
+def probe_stats(path: Path, start: float, end: float) -> dict:
+    """The probe's requests sent between ``start`` and ``end`` (``time.time()``)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if start <= r["t"] < end]
+    times = [r["s"] for r in rows]
+    return {"probe_requests": len(rows), "probe_status_p50_s": median(times),
+            "probe_status_p99_s": percentile(times, 99),
+            "probe_status_max_s": max(times, default=float("nan")),
+            "probe_statuses": dict(Counter(str(r["status"]) for r in rows))}
+
+
 def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--probe":  # the probe process (see probe())
+        probe(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+        return
     p = parser(__doc__)
     p.add_argument("--clients", type=int, default=500)
     p.add_argument("--base-clients", type=int, default=16)
@@ -287,17 +322,24 @@ def main() -> None:
            *args.server_arg]
     log = open(cache / "soak_server.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    prober: subprocess.Popen | None = None
     try:
         wait_server_ready(proc, url, log.name, 900)
         wait_kernels(url, 900)
+        probe_log = cache / "soak_probe.jsonl"
+        probe_log.unlink(missing_ok=True)
+        prober = subprocess.Popen([sys.executable, "-m", "benchmarks.soak", "--probe", url,
+                                   str(probe_log), "0.5"])  # started before the nice below
         os.nice(10)  # the load generator yields the CPU to the server
         rss0 = rss_bytes(proc.pid)
         phases = []
         for clients in (args.base_clients, args.clients):
             before = scrape(url)
+            t0 = time.time()
             ph = asyncio.run(run_phase(url, "m", clients, args.seconds, args))
             after = scrape(url)
-            phases.append(summary(ph, before, after))
+            phases.append({**summary(ph, before, after),
+                           **probe_stats(probe_log, t0, t0 + args.seconds)})
             print(f"{clients} clients: {phases[-1]}", flush=True)
             time.sleep(2)
         settle = time.monotonic() + 30
@@ -311,6 +353,8 @@ def main() -> None:
             time.sleep(0.5)
         rss1 = rss_bytes(proc.pid)
     finally:
+        if prober is not None:
+            prober.kill()
         proc.send_signal(signal.SIGTERM)
         proc.wait(90)
         log.close()

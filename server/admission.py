@@ -38,8 +38,8 @@ MIN_DEPARTURES = 16
 RATE_WINDOW_SECONDS = 60.0
 #: ... and they span at least this long (16 requests leaving in one step say little)
 MIN_RATE_SPAN_SECONDS = 5.0
-#: an admitted request counts as waiting here until its stream has started (the engine counts
-#: it from then on, which may be after other requests' checks) or, if it never starts, this long
+#: an admitted request counts as waiting here until its stream starts (the engine counts it
+#: from then on, which may be after other requests' checks) or, if it never starts, this long
 RESERVATION_SECONDS = 5.0
 #: at most this long between SSE comments while a stream waits for its first output
 KEEPALIVE_SECONDS = 10.0
@@ -178,20 +178,18 @@ async def first_within(source: AsyncIterator[T], arrival: float, bound: float,
     """``source``'s items; until the first, a :data:`KEEPALIVE` every ``keepalive`` seconds
     (None: none) and :class:`QueueTimeout` once ``bound`` seconds have passed since
     ``arrival`` (``time.monotonic()``), which closes ``source`` (aborting its requests). After
-    the first item it only passes items on. ``settled`` is called once ``source`` has
-    started: asyncio runs ready tasks in order, so after two turns of the loop the task that
-    takes its first item has run the synchronous start of ``source`` (merged streams start
-    their pumps on the first turn, the engines register their requests on the second). If
-    ``source`` never starts (closed first), it is called on the way out."""
+    the first item it only passes items on. ``settled`` is called as the source starts (the
+    engines count a request from its stream's first step, one turn of the event loop later:
+    for that turn it is counted by neither, rather than by both, which would refuse requests
+    that fit).
+    """
     it = source.__aiter__()
     deadline = arrival + bound
+    if settled is not None:
+        settled()
+        settled = None
     nxt = asyncio.ensure_future(it.__anext__())
     try:
-        if settled is not None:
-            await asyncio.sleep(0)
-            await asyncio.sleep(0)
-            settled()
-            settled = None
         while True:
             left = deadline - time.monotonic()
             if left <= 0:

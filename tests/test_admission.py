@@ -249,9 +249,9 @@ def test_refused_at_once_when_the_expected_wait_exceeds_the_bound(slow_server: s
     assert metric(text, "vllm:num_requests_waiting") == 0
 
 
-def test_first_within_settles_once_its_source_has_started():
-    """The reservation is released once the engine has registered the request: the
-    synchronous start of the source (here: of each of two merged streams) has run."""
+def test_first_within_settles_as_its_source_starts():
+    """The reservation ends as the engine streams start: never after the engine has counted
+    the request too (both counts would refuse requests that fit)."""
     from server.serving import merged
 
     started: list[int] = []
@@ -269,4 +269,4 @@ def test_first_within_settles_once_its_source_has_started():
         return got, seen_at_settle
 
     got, seen = asyncio.run(run())
-    assert seen == [[0, 1]] and sorted(i for i, _ in got) == [0, 1]
+    assert seen == [[]] and sorted(i for i, _ in got) == [0, 1]

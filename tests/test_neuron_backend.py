@@ -444,7 +444,8 @@ def test_ready_says_compiling_with_progress(monkeypatch: pytest.MonkeyPatch):
         raise RuntimeError("stopped by the test")
 
     monkeypatch.setattr(Engine, "from_config", staticmethod(compiling))
-    with ThreadServer(build_app(ServerConfig())) as srv:
+    # on a thread: the patch above does not reach a spawned engine process
+    with ThreadServer(build_app(ServerConfig(engine_process=False))) as srv:
         assert reported.wait(30)
         r = httpx.get(f"{srv.url}/ready")
         release.set()
