@@ -224,3 +224,20 @@ def test_the_engine_process_gives_the_thread_engines_tokens_and_metrics(tiny_lla
         text = engine.metrics_text().decode()
         assert 'vllm:request_success_total{finished_reason="length",model_name="t"} 3.0' in text
         assert 'vllm:generation_tokens_total{model_name="t"} 36.0' in text
+
+
+def test_a_model_that_fails_to_load_in_the_engine_process_exits_the_server(tmp_path: Path):
+    """The engine process reports its load failure to the server, which exits non-zero with
+    the reason, as it does with the engine on a thread."""
+    bad = tmp_path / "bad-model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    proc, _ = start_subprocess(["--model", str(bad), "--engine-process", "true"],
+                               tmp_path / "server.log")
+    try:
+        assert proc.wait(120) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "server.log").read_text()
+    assert "exiting: the engine or the index failed" in log and "tokenizer" in log
