@@ -81,10 +81,15 @@ class Admission:
         admitted here whose streams have not reached the engine yet are added to ``n``.
         Returns a token for :meth:`release` (once the engine has the requests)."""
         now = time.monotonic()
-        self.check(engine_waiting(n_new + self.reserved), now)
+        self.precheck(engine_waiting, n_new, now)
         token = next(self._tokens)
         self._reserved[token] = (now, n_new)
         return token
+
+    def precheck(self, engine_waiting: Callable[[int], int], n_new: int,
+                 now: float | None = None) -> None:
+        """:meth:`admit`'s check without the reservation (before a request's costly part)."""
+        self.check(engine_waiting(n_new + self.reserved), now)
 
     @property
     def reserved(self) -> int:

@@ -26,6 +26,7 @@ from server.serving import ClientDisconnected, OpenAIServing
 
 log = logging.getLogger(__name__)
 
+
 class APIKeyMiddleware:
     """``Authorization: Bearer KEY`` on every route but /health and /ping (constant time)."""
 

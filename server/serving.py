@@ -219,7 +219,7 @@ class OpenAIServing:
         """The queue check before the request's costly part (templating, tokenizing,
         retrieval), so that a refusal under overload costs little; :meth:`check_queue`
         decides (and reserves) once the request is ready to go in."""
-        self.admission.check(self.engine.projected_waiting(n_new + self.admission.reserved))
+        self.admission.precheck(self.engine.projected_waiting, n_new)
 
     def admit(self, model: str | None) -> ModelInfo:
         """Ready and the right model name, or the error that says which is not."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -138,3 +139,27 @@ FACTS = {
     "ostrava.html": "<html><body><p>The Ostravian marmot hibernates for seven months in "
                     "limestone burrows.</p></body></html>",
 }
+
+
+class StubBackend:
+    """What the runner needs of a backend, on CPU, with nothing to warm or compile: tests
+    subclass it and write ``forward`` (logits of their own choosing)."""
+
+    def __init__(self, buckets: Any, vocab_size: int) -> None:
+        import torch
+
+        self.buckets = buckets
+        self.device = torch.device("cpu")
+        self.vocab_size = vocab_size
+        self.scratch_slot = buckets.max_num_seqs
+        self.pads_to_buckets = True
+        self.runs_mixed = False
+
+    def warmup(self) -> None:
+        pass
+
+    def start_background_compile(self) -> None:
+        pass
+
+    def kernel_report(self) -> None:
+        return None

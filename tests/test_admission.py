@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from helpers import StubBackend
 from serverutil import ThreadServer, metric, wait_ready
 
 from bucketing import BucketConfig
@@ -141,25 +142,8 @@ def test_first_within_times_out_and_closes_its_source():
 
 # -- through the server -------------------------------------------------------------------
 
-class SlowBackend:
+class SlowBackend(StubBackend):
     """Every step takes STEP seconds and picks TOKEN (then the engine's stop rules apply)."""
-
-    def __init__(self, buckets: BucketConfig, vocab_size: int) -> None:
-        self.buckets = buckets
-        self.device = torch.device("cpu")
-        self.vocab_size = vocab_size
-        self.scratch_slot = buckets.max_num_seqs
-        self.pads_to_buckets = True
-        self.runs_mixed = False
-
-    def warmup(self) -> None:
-        pass
-
-    def start_background_compile(self) -> None:
-        pass
-
-    def kernel_report(self) -> None:
-        return None
 
     def forward(self, input_ids, cache_ids, start_ids, last_token_id) -> torch.Tensor:
         time.sleep(STEP)

@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 import torch
+from helpers import StubBackend
 from serverutil import ThreadServer, engine_flags, metric, start_subprocess, wait_ready
 
 from bucketing import BucketConfig
@@ -30,28 +31,16 @@ from server.config import ServerConfig
 from server.engine import Engine
 
 EOT = 128009
-class ScriptedBackend:
+
+
+class ScriptedBackend(StubBackend):
     """Logits that spell ``script`` after any prompt: the token at generated position ``j`` is
     ``script[j]``, then <|eot_id|>. Prefill records each slot's prompt length."""
 
     def __init__(self, buckets: BucketConfig, vocab_size: int) -> None:
-        self.buckets = buckets
-        self.device = torch.device("cpu")
-        self.vocab_size = vocab_size
-        self.scratch_slot = buckets.max_num_seqs
-        self.pads_to_buckets = True
-        self.runs_mixed = False
+        super().__init__(buckets, vocab_size)
         self.script: list[int] = []
         self.prompt_len: dict[int, int] = {}
-
-    def warmup(self) -> None:
-        pass
-
-    def start_background_compile(self) -> None:
-        pass
-
-    def kernel_report(self) -> None:
-        return None
 
     def forward(self, input_ids, cache_ids, start_ids, last_token_id) -> torch.Tensor:
         logits = torch.full((input_ids.shape[0], self.vocab_size), -1e4)
