@@ -220,6 +220,29 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system, all threads) used so far by the server process ("api":
+    HTTP, parsing, SSE), its children ("engine": the engine process), and this load generator
+    ("load"), from /proc: where the 2 cores went in a phase."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"api": 0.0, "engine": 0.0, "load": 0.0}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text.rsplit(")", 1)[1].split()  # after "pid (comm)": state is fields[0]
+        this, ppid = int(stat.parent.name), int(fields[1])
+        used = (int(fields[11]) + int(fields[12])) / tick
+        if this == pid:
+            out["api"] += used
+        elif ppid == pid:
+            out["engine"] += used
+        elif this == os.getpid():
+            out["load"] += used
+    return out
+
+
 async def run_phase(url: str, model: str, clients: int, seconds: float, args) -> Phase:
     ph = Phase(clients, seconds)
     t0 = time.monotonic()
@@ -238,7 +261,9 @@ async def run_phase(url: str, model: str, clients: int, seconds: float, args) ->
     return ph
 
 
-def summary(ph: Phase, before: dict[str, float], after: dict[str, float]) -> dict:
+def summary(ph: Phase, before: dict[str, float], after: dict[str, float],
+            cpu: dict[str, float] | None = None) -> dict:
+    cpu = cpu or {}
     decode_steps = after.get("decode_steps", 0) - before.get("decode_steps", 0)
     return round_floats({
         "clients": ph.clients, "seconds": ph.seconds,
@@ -259,6 +284,7 @@ def summary(ph: Phase, before: dict[str, float], after: dict[str, float]) -> dic
         "engine_busy": (after.get("decode_s", 0) + after.get("other_step_s", 0)
                         - before.get("decode_s", 0) - before.get("other_step_s", 0)) / ph.wall,
         "queue_wait_p99_le_s": queue_p99(before, after),
+        **{f"cores_{k}": v / ph.wall for k, v in cpu.items()},
         "errors": dict(ph.errors.most_common(8)),
     })
 
@@ -335,10 +361,13 @@ def main() -> None:
         phases = []
         for clients in (args.base_clients, args.clients):
             before = scrape(url)
+            cpu0 = cpu_seconds(proc.pid)
             t0 = time.time()
             ph = asyncio.run(run_phase(url, "m", clients, args.seconds, args))
+            cpu1 = cpu_seconds(proc.pid)
             after = scrape(url)
-            phases.append({**summary(ph, before, after),
+            used = {k: cpu1[k] - cpu0[k] for k in cpu0}
+            phases.append({**summary(ph, before, after, used),
                            **probe_stats(probe_log, t0, t0 + args.seconds)})
             print(f"{clients} clients: {phases[-1]}", flush=True)
             time.sleep(2)
