@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from retrieval.index import BACKENDS, ChunkSettings, PassageIndex, read_manifest
+from retrieval.lexical import MODES, HybridSettings
 
 log = logging.getLogger("ragserve.retrieval")
 
@@ -33,6 +34,19 @@ def add_index_parser(sub: argparse._SubParsersAction, cache_dir: Path) -> None:
                    help="parent/child split: index small chunks, put their parent of this many "
                         "tokens into the prompt")
     b.add_argument("--nbits", type=int, default=2, help="plaid: bits per residual dimension")
+    d = HybridSettings()
+    b.add_argument("--retrieval", choices=MODES, default=d.mode,
+                   help="how the index searches unless a request says otherwise: hybrid (late "
+                        "interaction and BM25 fused by reciprocal rank), late_interaction or "
+                        "lexical (BM25)")
+    b.add_argument("--rrf-k", type=int, default=d.rrf_k,
+                   help="hybrid: reciprocal-rank fusion constant (score = w / (rrf_k + rank))")
+    b.add_argument("--lexical-weight", type=float, default=d.lexical_weight,
+                   help="hybrid: weight of BM25's ranking (late interaction's is "
+                        "--late-interaction-weight)")
+    b.add_argument("--late-interaction-weight", type=float, default=d.late_interaction_weight)
+    b.add_argument("--candidates", type=int, default=d.candidates,
+                   help="hybrid: passages each retriever contributes to the fusion (at least k)")
     b.set_defaults(func=cmd_build)
 
     a = isub.add_parser("add", help="add (or replace) documents in an existing index")
@@ -46,6 +60,8 @@ def add_index_parser(sub: argparse._SubParsersAction, cache_dir: Path) -> None:
     s.add_argument("--index", type=Path, required=True)
     s.add_argument("-k", type=int, default=5)
     s.add_argument("--json", action="store_true", help="one JSON object per passage")
+    s.add_argument("--mode", choices=MODES, default=None,
+                   help="retrieval mode (default: the index's)")
     _encoder_arg(s)
     s.set_defaults(func=cmd_search)
 
@@ -109,8 +125,11 @@ def _add(index: PassageIndex, docs_root: Path) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     options = {"nbits": args.nbits} if args.backend == "plaid" else {}
+    retrieval = HybridSettings(args.retrieval, args.rrf_k, args.late_interaction_weight,
+                               args.lexical_weight, args.candidates)
     index = PassageIndex(_encoder(args), args.backend, chunking=ChunkSettings(
-        args.chunk_tokens, args.chunk_overlap, args.parent_tokens), **options)
+        args.chunk_tokens, args.chunk_overlap, args.parent_tokens), retrieval=retrieval,
+        **options)
     n = _add(index, args.docs)
     version = index.save(args.out)
     dt = time.perf_counter() - t0
@@ -131,13 +150,13 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     index = PassageIndex.load(args.index, _encoder(args, args.index))
     t0 = time.perf_counter()
-    hits = index.search(args.query, args.k)
+    hits = index.search(args.query, args.k, args.mode)
     log.info("search took %.1f ms", 1000 * (time.perf_counter() - t0))
     for rank, p in enumerate(hits, 1):
         if args.json:
             print(json.dumps({"rank": rank, "chunk_id": p.chunk_id, "doc_id": p.doc_id,
                               "source": p.source, "page": p.page, "score": round(p.score, 4),
-                              "text": p.text}, ensure_ascii=False))
+                              "scores": p.scores, "text": p.text}, ensure_ascii=False))
         else:
             where = p.doc_id + (f" p.{p.page}" if p.page is not None else "")
             snippet = " ".join(p.chunk_text.split())[:200]

@@ -7,6 +7,12 @@ On disk an index is a directory of versions and a pointer to the current one::
                                       settings), chunking settings, counts
     INDEX_DIR/v000002/passages.jsonl  one chunk per line, with its passage id
     INDEX_DIR/v000002/backend/        the backend's own files
+    INDEX_DIR/v000002/lexical/        BM25 over the passages' text (``retrieval.lexical``)
+
+The manifest's ``retrieval`` settings say how the index searches by default: ``hybrid`` (late
+interaction and BM25 fused by reciprocal rank), ``late_interaction`` or ``lexical``; a search
+may ask for another mode. An index written before BM25 existed (no ``lexical/``, no
+``retrieval``) loads as a hybrid index: its BM25 is built from its passages at load.
 
 A save writes a complete new version under a temporary name, renames it into place and only then
 points ``CURRENT`` at it: a build killed at any moment leaves the previous index current and
@@ -26,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from retrieval.backend import IndexBackend
+from retrieval.lexical import MODES, HybridSettings, LexicalIndex, fuse
 from retrieval.types import Chunk, Document, Passage
 
 if TYPE_CHECKING:
@@ -37,6 +44,7 @@ _CURRENT = "CURRENT"
 _MANIFEST = "manifest.json"
 _PASSAGES = "passages.jsonl"
 _BACKEND_DIR = "backend"
+_LEXICAL_DIR = "lexical"
 
 
 class IndexLoadError(ValueError):
@@ -97,9 +105,12 @@ class PassageIndex:
     ``load``."""
 
     def __init__(self, encoder: ColBERTEncoder, backend: str | IndexBackend = "exact", *,
-                 chunking: ChunkSettings | None = None, **backend_options: object) -> None:
+                 chunking: ChunkSettings | None = None, retrieval: HybridSettings | None = None,
+                 **backend_options: object) -> None:
         self.encoder = encoder
         self.chunking = chunking or ChunkSettings()
+        self.retrieval = retrieval or HybridSettings()
+        self._lexical: LexicalIndex | None = None  # None: (re)built from the chunks when needed
         limit = encoder.settings.doc_maxlen - 3  # [CLS], [D], [SEP]
         if self.chunking.chunk_tokens > limit:
             raise ValueError(f"chunk_tokens={self.chunking.chunk_tokens} exceeds what the encoder "
@@ -152,6 +163,7 @@ class PassageIndex:
         self.backend.add(pids, embeddings)
         self.chunks.update(zip(pids, chunks))
         self.next_pid += len(chunks)
+        self._lexical = None
         return len(chunks)
 
     def remove_documents(self, doc_ids: Iterable[str]) -> int:
@@ -164,24 +176,56 @@ class PassageIndex:
         self.backend.remove(pids)
         for p in pids:
             del self.chunks[p]
+        self._lexical = None
         return len(pids)
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def search(self, query: str, k: int = 5) -> list[Passage]:
-        """The ``k`` passages with the highest MaxSim against ``query``, best first."""
+    @property
+    def lexical(self) -> LexicalIndex:
+        """BM25 over the chunks' text, rebuilt after the passages change."""
+        if self._lexical is None:
+            self._lexical = LexicalIndex.build({p: c.text for p, c in self.chunks.items()})
+        return self._lexical
+
+    def search(self, query: str, k: int = 5, mode: str | None = None) -> list[Passage]:
+        """The ``k`` best passages for ``query``, best first, by ``mode`` (default: the index's
+        ``retrieval.mode``): ``late_interaction`` (MaxSim scores), ``lexical`` (BM25 scores) or
+        ``hybrid`` (both retrievers' top ``max(k, retrieval.candidates)`` fused by weighted
+        reciprocal rank; the score is the fused one). Each passage's ``scores`` holds what each
+        retriever gave it (absent: not in that retriever's candidates)."""
+        mode = mode or self.retrieval.mode
+        if mode not in MODES:
+            raise ValueError(f"retrieval mode must be one of {', '.join(MODES)}, got {mode!r}")
         if k <= 0 or not self.chunks:
             return []
-        q = self.encoder.encode_queries([query])[0]
-        return [self.passage(pid, score) for pid, score in self.backend.search(q, k)]
+        s = self.retrieval
+        n = k if mode != "hybrid" else max(k, s.candidates)
+        late: list[tuple[int, float]] = []
+        lexical: list[tuple[int, float]] = []
+        if mode != "lexical":
+            q = self.encoder.encode_queries([query])[0]
+            late = self.backend.search(q, n)
+        if mode != "late_interaction":
+            lexical = self.lexical.search(query, n)
+        if mode == "hybrid":
+            ranked = fuse([(s.late_interaction_weight, [p for p, _ in late]),
+                           (s.lexical_weight, [p for p, _ in lexical])], s.rrf_k, k)
+        else:
+            ranked = late or lexical
+        by = {"late_interaction": dict(late), "lexical": dict(lexical)}
+        return [self.passage(pid, score, {name: round(hits[pid], 4) for name, hits in by.items()
+                                          if pid in hits})
+                for pid, score in ranked]
 
-    def passage(self, pid: int, score: float) -> Passage:
+    def passage(self, pid: int, score: float, scores: dict[str, float] | None = None
+                ) -> Passage:
         c = self.chunks[pid]
         start, end = ((c.parent_start, c.parent_end) if c.parent_text is not None
                       else (c.start, c.end))
         return Passage(chunk_id=pid, doc_id=c.doc_id, text=c.prompt_text, score=score,
                        source=c.source, page=c.page, start=int(start or 0), end=int(end or 0),
-                       chunk_text=c.text)
+                       chunk_text=c.text, scores=scores)
 
     def manifest(self) -> dict:
         return {
@@ -191,6 +235,7 @@ class PassageIndex:
             "saved_at": time.time(),
             "encoder": self.encoder.describe(),
             "chunking": asdict(self.chunking),
+            "retrieval": asdict(self.retrieval),
             "documents": len(self.doc_ids),
             "passages": len(self.chunks),
             "next_pid": self.next_pid,
@@ -210,6 +255,7 @@ class PassageIndex:
         try:
             (tmp / _BACKEND_DIR).mkdir()
             self.backend.save(tmp / _BACKEND_DIR)
+            self.lexical.save(tmp / _LEXICAL_DIR)
             with open(tmp / _PASSAGES, "w", encoding="utf-8") as f:
                 for pid, c in sorted(self.chunks.items()):
                     f.write(json.dumps({"pid": pid, **asdict(c)}, ensure_ascii=False) + "\n")
@@ -227,7 +273,9 @@ class PassageIndex:
         return path / name
 
     @classmethod
-    def load(cls, path: Path, encoder: ColBERTEncoder) -> PassageIndex:
+    def load(cls, path: Path, encoder: ColBERTEncoder,
+             retrieval: HybridSettings | None = None) -> PassageIndex:
+        """The current version at ``path``; ``retrieval`` overrides the manifest's settings."""
         version = current_version(path)
         manifest = json.loads((version / _MANIFEST).read_text())
         if manifest.get("format") != FORMAT:
@@ -240,7 +288,8 @@ class PassageIndex:
                 f"{encoder.name!r} (fingerprint {encoder.fingerprint[:12]}); pass "
                 f"--retriever-model {recorded['name']} or rebuild the index")
         index = cls(encoder, _load_backend(manifest["backend"], version / _BACKEND_DIR),
-                    chunking=ChunkSettings(**manifest["chunking"]))
+                    chunking=ChunkSettings(**manifest["chunking"]),
+                    retrieval=retrieval or HybridSettings(**manifest.get("retrieval", {})))
         with open(version / _PASSAGES, encoding="utf-8") as f:
             for line in f:
                 row = json.loads(line)
@@ -251,6 +300,10 @@ class PassageIndex:
                                  f"{len(index.backend)}")
         index.next_pid = int(manifest["next_pid"])
         index.created_at = float(manifest["created_at"])
+        if (version / _LEXICAL_DIR).is_dir():
+            lexical = LexicalIndex.load(version / _LEXICAL_DIR)
+            if sorted(lexical.pids) == sorted(index.chunks):
+                index._lexical = lexical
         return index
 
 

@@ -50,3 +50,5 @@ class Passage:
     start: int
     end: int
     chunk_text: str = field(default="", repr=False)
+    # hybrid search: each retriever's own score for this passage (those that found it)
+    scores: dict[str, float] | None = field(default=None, repr=False, compare=False)
