@@ -25,6 +25,7 @@ ENV_PREFIX = "RAGSERVE_"
 DEVICES = ("cpu", "cuda", "neuron")
 ENGINES = ("ragserve", "vllm")
 GROUNDING_MODES = ("report", "strip", "off")
+CITATION_POLICIES = ("auto", "model", "attribute")
 
 
 class ConfigError(ValueError):
@@ -102,6 +103,7 @@ class ServerConfig:
     rag_answer_tokens: int = 256
     grounding: str = "report"
     grounding_threshold: float = 0.65
+    rag_citations: str = "auto"
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535, "--port", f"must be in 1..65535, got {self.port}")
@@ -147,6 +149,8 @@ class ServerConfig:
                  f"must be in 1..50, got {self.rag_top_k}")
         _require(self.rag_answer_tokens >= 1, "--rag-answer-tokens",
                  f"must be >= 1, got {self.rag_answer_tokens}")
+        _require(self.rag_citations in CITATION_POLICIES, "--rag-citations",
+                 f"must be one of {CITATION_POLICIES}, got {self.rag_citations!r}")
         _require(self.grounding in GROUNDING_MODES, "--grounding",
                  f"must be one of {GROUNDING_MODES}, got {self.grounding!r}")
         _require(-1.0 <= self.grounding_threshold <= 1.0, "--grounding-threshold",
@@ -286,6 +290,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--grounding-threshold", type=float, default=d.grounding_threshold,
                    help="support (mean best token cosine) below which a cited sentence is "
                         "unsupported; 0.65 is calibrated for the default encoder")
+    r.add_argument("--rag-citations", default=d.rag_citations, choices=CITATION_POLICIES,
+                   help="auto: keep the model's valid citations and cite its uncited sentences "
+                        "with the passage that supports them (at least --grounding-threshold); "
+                        "model: only the model's; attribute: only ragserve's")
 
 
 def config_from_args(argv: Sequence[str] | None = None,

@@ -78,6 +78,9 @@ class Metrics(_Series):
                                              "Citations that point to no passage or whose "
                                              "sentence the cited passages do not support.",
                                              (*m, "kind"), registry=r)
+        self.citations = Counter("ragserve_citations",
+                                 "Citations in RAG answers, by who wrote them: the model, or "
+                                 "ragserve's attribution.", (*m, "origin"), registry=r)
         self.http_requests = Counter("ragserve_http_requests",
                                      "HTTP responses by route and status code.",
                                      (*m, "route", "status"), registry=r)
@@ -88,13 +91,17 @@ class Metrics(_Series):
     def observe_retrieval(self, seconds: float) -> None:
         self.retrieval_seconds.labels(self.model_name).observe(seconds)
 
-    def observe_rag(self, passages_used: int, invalid: int, unsupported: int) -> None:
+    def observe_rag(self, passages_used: int, invalid: int, unsupported: int,
+                    model_cited: int = 0, attributed: int = 0) -> None:
         """One RAG answer: passages in its prompt, citations to no passage, citations whose
-        sentence is unsupported."""
+        sentence is unsupported, the valid citations the model wrote and those ragserve
+        attributed."""
         name = self.model_name
         self.retrieved_passages.labels(name).observe(passages_used)
         self.unsupported_citations.labels(name, "invalid").inc(invalid)
         self.unsupported_citations.labels(name, "unsupported").inc(unsupported)
+        self.citations.labels(name, "model").inc(model_cited)
+        self.citations.labels(name, "attributed").inc(attributed)
 
     def observe_response(self, route: str, status: int) -> None:
         self.http_requests.labels(self.model_name, route, str(status)).inc()

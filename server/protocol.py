@@ -89,6 +89,12 @@ class SamplingFields(Strict):
         return self
 
 
+RetrievalMode = Literal["hybrid", "late_interaction", "lexical"]
+RETRIEVAL_MODE_DOC = ("hybrid: late interaction and BM25 fused by reciprocal rank; "
+                      "late_interaction: ColBERT MaxSim only; lexical: BM25 only "
+                      "(default: the index's mode, see `ragserve index info`)")
+
+
 class RAGOptions(Strict):
     """ragserve extension: answer from retrieved passages, with ``[n]`` citations."""
 
@@ -99,6 +105,11 @@ class RAGOptions(Strict):
                                   "check (default: --grounding)")
     max_context_tokens: int | None = Field(default=None, ge=1,
                                            description="cap on prompt tokens spent on passages")
+    retrieval: RetrievalMode | None = Field(default=None, description=RETRIEVAL_MODE_DOC)
+    citations: Literal["auto", "model", "attribute"] | None = Field(
+        default=None, description="auto: keep the model's citations and cite its uncited "
+        "sentences by attribution; model: only what the model wrote; attribute: only "
+        "attribution (default: --rag-citations)")
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -238,6 +249,7 @@ class RetrieverInfo(BaseModel):
     encoder: str | None = None
     label: str | None = Field(default=None, description="e.g. 'not ColBERT-trained'")
     backend: str | None = None
+    retrieval: str | None = Field(default=None, description="the index's default mode")
     passages: int | None = None
     documents: int | None = None
 
@@ -257,13 +269,18 @@ class RetrieveRequest(Strict):
     model: str | None = None
     query: str = Field(min_length=1, max_length=8192)
     k: int = Field(default=5, ge=1, le=100)
+    mode: RetrievalMode | None = Field(default=None, description=RETRIEVAL_MODE_DOC)
 
 
 class RetrievedPassage(BaseModel):
     chunk_id: int
     doc_id: str
     text: str
-    score: float
+    score: float = Field(description="the mode's score: fused reciprocal rank (hybrid), "
+                                     "MaxSim (late_interaction) or BM25 (lexical)")
+    scores: dict[str, float] | None = Field(
+        default=None, description="hybrid: each retriever's own score, for those that found "
+                                  "the passage among their candidates")
     source: str
     page: int | None
     start: int
@@ -288,14 +305,17 @@ class Source(BaseModel):
 
 class SentenceGrounding(BaseModel):
     text: str
-    citations: list[int]
+    citations: list[int] = Field(description="all of the sentence's citations")
+    attributed: list[int] = Field(description="those ragserve added; the rest the model wrote")
     support: float | None
     supported: bool | None
 
 
 class Grounding(BaseModel):
     mode: str
+    citations: str = Field(description="the citation policy: auto, model or attribute")
     threshold: float
+    attributed: int = Field(description="citations ragserve added to the answer")
     invalid_citations: list[int] = Field(description="removed: they point to no passage")
     unsupported: int = Field(description="cited sentences their passages do not support")
     removed_sentences: int

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from server.errors import APIError, bad_request
 
 if TYPE_CHECKING:
-    from retrieval.grounding import GroundingReport
+    from retrieval.grounding import Citer, GroundingReport
     from retrieval.index import PassageIndex
     from retrieval.types import Passage
     from server.config import ServerConfig
@@ -72,6 +72,7 @@ class RAGContext:
     retrieved: int
     grounding: str
     context_tokens: int
+    citations: str = "auto"
 
     def sources(self) -> list[dict[str, Any]]:
         return [{"number": n, "chunk_id": p.chunk_id, "doc_id": p.doc_id, "source": p.source,
@@ -141,7 +142,8 @@ class RAGService:
         out: dict[str, Any] = {"status": self.state, "index": str(self.config.index)}
         if self.index is not None:
             out.update(encoder=self.index.encoder.name, label=self.index.encoder.label,
-                       backend=self.index.backend.name, passages=len(self.index),
+                       backend=self.index.backend.name, retrieval=self.index.retrieval.mode,
+                       passages=len(self.index),
                        documents=len(self.index.doc_ids))
         return out
 
@@ -157,11 +159,11 @@ class RAGService:
                            code="index_unavailable")
         return self.index
 
-    async def search(self, query: str, k: int) -> list[Passage]:
+    async def search(self, query: str, k: int, mode: str | None = None) -> list[Passage]:
         index = self.check_ready()
         t0 = time.perf_counter()
         hits = await asyncio.get_running_loop().run_in_executor(self._pool, index.search,
-                                                                query, k)
+                                                                query, k, mode)
         if self.metrics is not None:
             self.metrics.observe_retrieval(time.perf_counter() - t0)
         return hits
@@ -173,7 +175,7 @@ class RAGService:
         as fit ``limits`` = (largest prefill bucket, max_model_len) with room for the answer
         (``max_tokens``, else --rag-answer-tokens) and ``options.max_context_tokens``."""
         k = options.top_k or self.config.rag_top_k
-        passages = await self.search(last_user_text(messages), k)
+        passages = await self.search(last_user_text(messages), k, options.retrieval)
         largest, max_model_len = limits
         answer = max_tokens or min(self.config.rag_answer_tokens, max_model_len // 2)
         budget = min(largest, max_model_len - answer)
@@ -190,30 +192,85 @@ class RAGService:
                      len(passages), budget)
         return RAGContext(prompt_ids=ids, passages=passages[:used], retrieved=len(passages),
                           grounding=options.grounding or self.config.grounding,
-                          context_tokens=len(ids) - len(base))
+                          context_tokens=len(ids) - len(base),
+                          citations=options.citations or self.config.rag_citations)
+
+    def citer(self, ctx: RAGContext) -> Citer:
+        from retrieval.grounding import Citer
+
+        return Citer(self.check_ready().encoder, [p.text for p in ctx.passages],
+                     mode=ctx.grounding, citations=ctx.citations,
+                     threshold=self.config.grounding_threshold)
 
     async def check(self, ctx: RAGContext, text: str) -> tuple[str, dict]:
-        """The grounding check of one finished answer: the text to return and the report."""
+        """Cite and check one finished answer: the text to return and the report."""
         from retrieval.grounding import check
 
         index = self.check_ready()
         text, report = await asyncio.get_running_loop().run_in_executor(
             self._pool, lambda: check(text, [p.text for p in ctx.passages], index.encoder,
-                                      mode=ctx.grounding,
+                                      mode=ctx.grounding, citations=ctx.citations,
                                       threshold=self.config.grounding_threshold))
+        return text, self.reported(ctx, report)
+
+    def reported(self, ctx: RAGContext, report: GroundingReport) -> dict[str, Any]:
+        """The report as JSON, counted in the RAG metrics."""
         if self.metrics is not None:
-            self.metrics.observe_rag(len(ctx.passages), len(report.invalid_citations),
-                                     report.unsupported_citations -
-                                     len(report.invalid_citations))
-        return text, grounding_json(report)
+            self.metrics.observe_rag(
+                len(ctx.passages), len(report.invalid_citations),
+                report.unsupported_citations - len(report.invalid_citations),
+                sum(len(s.citations) for s in report.sentences) - report.attributed,
+                report.attributed)
+        return grounding_json(report)
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the retriever's thread (encoder work off the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
 
 def grounding_json(report: GroundingReport) -> dict[str, Any]:
-    return {"mode": report.mode, "threshold": report.threshold,
+    return {"mode": report.mode, "citations": report.citations, "threshold": report.threshold,
+            "attributed": report.attributed,
             "invalid_citations": report.invalid_citations, "unsupported": report.unsupported,
             "removed_sentences": report.removed_sentences,
-            "sentences": [{"text": s.text, "citations": s.citations, "support": s.support,
-                           "supported": s.supported} for s in report.sentences]}
+            "sentences": [{"text": s.text, "citations": s.citations, "attributed": s.attributed,
+                           "support": s.support, "supported": s.supported}
+                          for s in report.sentences]}
+
+
+class SentenceStream:
+    """Streams an answer sentence by sentence, each cited (and checked) as it completes: what
+    ``auto`` and ``attribute`` citations need, since a sentence can only be attributed whole.
+    Only the sentence being written is held back, never the whole answer."""
+
+    def __init__(self, service: RAGService, ctx: RAGContext) -> None:
+        self.service = service
+        self.ctx = ctx
+        self.citer = service.citer(ctx)
+        self.done = 0  # characters of the model's text already sent (as cited sentences)
+
+    async def feed(self, text: str, final: bool) -> str:
+        """What to send now for the model's text so far."""
+        from retrieval.grounding import sentence_spans
+
+        rest = text[self.done:]
+        spans = sentence_spans(rest, final)
+        if not spans:
+            return rest if final else ""
+        cited = await self.service.run(self.citer.cite, [rest[a:b] for a, b in spans])
+        pieces, last = [], 0
+        for (a, b), sentence in zip(spans, cited):
+            pieces += [rest[last:a], sentence]
+            last = b
+        if final:
+            pieces.append(rest[last:])
+            last = len(rest)
+        self.done += last
+        out = "".join(pieces)
+        return out
+
+    def report(self) -> dict[str, Any]:
+        return self.service.reported(self.ctx, self.citer.report)
 
 
 class CitationFilter:

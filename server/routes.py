@@ -71,13 +71,15 @@ async def models(request: Request) -> ModelList:
 
 @router.post("/v1/retrieve", response_model=RetrieveResponse, responses=ERRORS, tags=["ragserve"])
 async def retrieve(body: RetrieveRequest, request: Request) -> RetrieveResponse:
-    """The passages the retriever finds for `query`, best first (ColBERT MaxSim scores)."""
+    """The passages the retriever finds for `query`, best first (`mode`: hybrid, late
+    interaction or lexical; default the index's)."""
     rag = request.app.state.rag
     if body.model is not None:
         request.app.state.serving.check_model(body.model)
-    hits = await rag.search(body.query, body.k)
+    hits = await rag.search(body.query, body.k, body.mode)
     return RetrieveResponse(model=rag.index.encoder.name, data=[
         RetrievedPassage(chunk_id=p.chunk_id, doc_id=p.doc_id, text=p.text, score=p.score,
+                         scores=p.scores,
                          source=p.source, page=p.page, start=p.start, end=p.end) for p in hits])
 
 

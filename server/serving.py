@@ -58,7 +58,7 @@ from server.protocol import (
     TopLogprob,
     Usage,
 )
-from server.rag import CitationFilter, RAGContext, RAGService
+from server.rag import CitationFilter, RAGContext, RAGService, SentenceStream
 
 ENGINE_FAILED = "the engine failed while generating this response"
 RETRY_AFTER_LOADING = "5"
@@ -339,22 +339,32 @@ class OpenAIServing:
                               prologue: list[str], rag: RAGContext,
                               chunk: Callable[..., str], fast: DeltaEvents,
                               usage_event: Callable[[Usage], str] | None) -> AsyncIterator[str]:
-        """A RAG answer's stream: ``sources`` in the first event; text without invalid
-        citations (held back only while a ``[`` may still become one); the grounding report in
-        an event of its own after the finish. With --grounding strip the answer is sent once
-        checked, since a sentence can only be judged when complete."""
+        """A RAG answer's stream: ``sources`` in the first event; the grounding report in an
+        event of its own after the finish. The text: with ``citations`` auto or attribute,
+        sentence by sentence, each cited as it completes; with ``model``, token by token
+        without invalid citations (held back only while a ``[`` may still become one). With
+        --grounding strip the answer is sent once checked, since unsupported sentences go."""
         strip = rag.grounding == "strip"
+        by_sentence = None if strip or rag.citations == "model" else SentenceStream(self.rag,
+                                                                                     rag)
         cite = CitationFilter(len(rag.passages))
 
         async def event(i: int, o: RequestOutput) -> str:
             if o.finished:
-                text, report = await self.rag.check(rag, o.text)
-                delta = text if strip else cite.feed(text, final=True)
+                if by_sentence is not None:
+                    delta = await by_sentence.feed(o.text, final=True)
+                    report = by_sentence.report()
+                else:
+                    text, report = await self.rag.check(rag, o.text)
+                    delta = text if strip else cite.feed(text, final=True)
                 return (chunk([ChatChunkChoice(
                     index=0, delta=DeltaMessage(content=delta),
                     finish_reason=o.finish_reason.value, stop_reason=o.stop_reason)])
                     + chunk([], grounding=report))
-            delta = "" if strip else cite.feed(o.text, final=False)
+            if by_sentence is not None:
+                delta = await by_sentence.feed(o.text, final=False)
+            else:
+                delta = "" if strip else cite.feed(o.text, final=False)
             return fast(0, delta) if delta else ""
 
         async for e in self._sse_stream(streams, n_prompt, prologue, event, usage_event):

@@ -156,6 +156,7 @@ VLLM_SERIES = {
 # ragserve's engine's own.
 API_SERIES = {"ragserve_token_delivery_seconds", "ragserve_retrieval_seconds",
               "ragserve_retrieved_passages", "ragserve_unsupported_citations",
+              "ragserve_citations",
               "ragserve_http_requests"}
 RAGSERVE_ENGINE_SERIES = {"ragserve_bucket_selected", "ragserve_padding_tokens",
                           "ragserve_engine_step_seconds"}

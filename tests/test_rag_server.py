@@ -137,6 +137,23 @@ def test_retrieve_finds_the_passage(rag_server, tiny_colbert_dir):
     assert {"chunk_id", "source", "page", "start", "end"} <= top.keys()
 
 
+def test_retrieve_mode_per_request(rag_server):
+    url = f"{rag_server.url}/v1/retrieve"
+    hybrid = httpx.post(url, json={"query": "Brindle engines", "k": 2}, timeout=30).json()
+    assert hybrid["data"][0]["doc_id"] == "brindle.md"  # the index's mode: hybrid
+    assert set(hybrid["data"][0]["scores"]) == {"late_interaction", "lexical"}
+    for mode in ("lexical", "late_interaction"):
+        r = httpx.post(url, json={"query": "Brindle engines", "k": 2, "mode": mode}, timeout=30)
+        assert r.status_code == 200, r.text
+        top = r.json()["data"][0]
+        assert top["doc_id"] == "brindle.md" and set(top["scores"]) == {mode}
+    r = httpx.post(url, json={"query": "x", "mode": "bm25"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "mode"
+    r = httpx.post(f"{rag_server.url}/v1/chat/completions", timeout=30, json={
+        "messages": QUESTION, "rag": {"retrieval": "lexical", "citations": "all"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "citations"
+
+
 def test_rag_answer_with_sources_and_grounding(client, rag_server):
     say(rag_server, ANSWER)
     r = client.chat.completions.create(model="scripted", messages=QUESTION, temperature=0,
@@ -149,13 +166,62 @@ def test_rag_answer_with_sources_and_grounding(client, rag_server):
     # [7] points to no passage: removed from the answer and reported
     assert grounding["invalid_citations"] == [7]
     assert "[7]" not in r.choices[0].message.content
-    assert r.choices[0].message.content.endswith("It has glass towers.")
+    # the sentence left uncited is cited by attribution (citations: auto, the default)
+    assert r.choices[0].message.content.endswith("It has glass towers [1].")
     by_text = {s["text"]: s for s in grounding["sentences"]}
     good = by_text["The capital of Zorvania is Quelthar [1]."]
     fabricated = by_text["Quelthar exports purple bananas to Mars [2]."]
-    assert good["supported"] is True and good["citations"] == [1]
+    added = by_text["It has glass towers [1]."]
+    assert good["supported"] is True and good["citations"] == [1] and good["attributed"] == []
     assert fabricated["supported"] is False and fabricated["support"] < good["support"]
+    assert added["citations"] == added["attributed"] == [1] and added["supported"] is True
     assert grounding["unsupported"] == 1 and grounding["mode"] == "report"
+    assert grounding["citations"] == "auto" and grounding["attributed"] == 1
+
+
+def test_model_citations_only(client, rag_server):
+    say(rag_server, ANSWER)
+    r = client.chat.completions.create(model="scripted", messages=QUESTION, extra_body={
+        "rag": {"top_k": 2, "citations": "model"}})
+    assert r.choices[0].message.content.endswith("[2]. It has glass towers.")
+    assert r.model_extra["grounding"]["attributed"] == 0
+
+
+PLAIN = "The capital of Zorvania is Quelthar. A Brindle engine needs servicing every ninety days."
+
+
+def test_answer_without_citations_comes_back_cited(client, rag_server):
+    """The model writes no citation; each sentence is cited with the passage that holds it."""
+    say(rag_server, PLAIN)
+    question = [{"role": "user", "content": "Tell me about Zorvania and Brindle engines."}]
+    r = client.chat.completions.create(model="scripted", messages=question,
+                                       extra_body={"rag": {"top_k": 3}})
+    sources = {s["number"]: s["doc_id"] for s in r.model_extra["sources"]}
+    grounding = r.model_extra["grounding"]
+    first, second = grounding["sentences"]
+    assert sources[first["attributed"][0]] == "zorvania.txt"
+    assert sources[second["attributed"][0]] == "brindle.md"
+    n1, n2 = first["attributed"][0], second["attributed"][0]
+    assert r.choices[0].message.content == (
+        f"The capital of Zorvania is Quelthar [{n1}]. A Brindle engine needs servicing every "
+        f"ninety days [{n2}].")
+    # streamed through the openai client: sentence by sentence, the same cited text
+    stream = client.chat.completions.create(model="scripted", messages=question, stream=True,
+                                            extra_body={"rag": {"top_k": 3}})
+    pieces = [c.choices[0].delta.content for c in stream
+              if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == r.choices[0].message.content
+    assert pieces[0] == f"The capital of Zorvania is Quelthar [{n1}]."  # a whole sentence
+
+
+def test_attribute_replaces_the_models_citations(client, rag_server):
+    say(rag_server, "Quelthar is the capital of Zorvania [2]. I don't know the rest.")
+    r = client.chat.completions.create(model="scripted", messages=QUESTION, extra_body={
+        "rag": {"top_k": 2, "citations": "attribute"}})
+    assert r.choices[0].message.content == ("Quelthar is the capital of Zorvania [1]. "
+                                            "I don't know the rest.")
+    first, refusal = r.model_extra["grounding"]["sentences"]
+    assert first["attributed"] == [1] and refusal["citations"] == []
 
 
 def test_prompt_holds_numbered_passages_and_instructions(rag_server):
@@ -178,15 +244,17 @@ def test_strip_mode_removes_unsupported_sentences(client, rag_server):
     r = client.chat.completions.create(model="scripted", messages=QUESTION,
                                        extra_body={"rag": {"top_k": 2, "grounding": "strip"}})
     assert r.choices[0].message.content == ("The capital of Zorvania is Quelthar [1]. "
-                                            "It has glass towers.")
+                                            "It has glass towers [1].")
     assert r.model_extra["grounding"]["removed_sentences"] == 1
 
 
-def test_streaming_sends_sources_first_and_grounding_last(rag_server):
+@pytest.mark.parametrize("citations", ["model", "auto"])
+def test_streaming_sends_sources_first_and_grounding_last(rag_server, citations):
     say(rag_server, ANSWER)
     events = []
     with httpx.stream("POST", f"{rag_server.url}/v1/chat/completions", timeout=30, json={
-            "messages": QUESTION, "rag": {"top_k": 2}, "stream": True}) as r:
+            "messages": QUESTION, "rag": {"top_k": 2, "citations": citations},
+            "stream": True}) as r:
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 events.append(json.loads(line[6:]))
@@ -194,8 +262,9 @@ def test_streaming_sends_sources_first_and_grounding_last(rag_server):
     assert sum("sources" in e for e in events) == 1
     text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events
                    if e["choices"])
+    last = "It has glass towers." if citations == "model" else "It has glass towers [1]."
     assert text == "The capital of Zorvania is Quelthar [1]. Quelthar exports purple bananas " \
-                   "to Mars [2]. It has glass towers."  # the invalid [7] never went out
+                   "to Mars [2]. " + last  # the invalid [7] never went out
     assert events[-1]["choices"] == [] and events[-1]["grounding"]["invalid_citations"] == [7]
     finish = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
     assert finish[0]["choices"][0]["finish_reason"] == "stop"
@@ -245,6 +314,8 @@ def test_models_ready_and_metrics_show_the_retriever(rag_server):
     assert metric(text, "ragserve_retrieved_passages_count") >= 1
     assert metric(text, "ragserve_unsupported_citations_total", kind="invalid") >= 1
     assert metric(text, "ragserve_unsupported_citations_total", kind="unsupported") >= 1
+    assert metric(text, "ragserve_citations_total", origin="model") >= 1
+    assert metric(text, "ragserve_citations_total", origin="attributed") >= 1
 
 
 def test_server_without_index_says_how_to_enable_rag(tiny_colbert_dir, llama3_tokenizer_dir):
