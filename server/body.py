@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import email.message
 import json
+import re
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -63,7 +64,37 @@ def parse_json(body: bytes) -> Any:
     if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and \
             json_depth(value) > MAX_JSON_DEPTH:
         raise BodyError(f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+    # "\ud800" is valid JSON but no Unicode text (a surrogate without its pair): only a body
+    # with such an escape can hold one, and only then are its strings walked
+    if _SURROGATE_ESCAPE.search(body) and not _valid_unicode(value):
+        raise BodyError("a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff "
+                        "without its pair): not valid Unicode text")
     return value
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _valid_unicode(value: Any) -> bool:
+    """Whether every string (keys included) in parsed JSON encodes as UTF-8, without recursion.
+
+    >>> _valid_unicode({"a": ["text", 1]}), _valid_unicode([chr(0xD800)])
+    (True, False)
+    """
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+    return True
 
 
 def json_depth(value: Any) -> int:

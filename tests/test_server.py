@@ -224,6 +224,7 @@ HOSTILE = {
     "deep 1,500": (b"[" * 1500 + b"]" * 1500, "nests deeper than 32 levels"),
     "deep 3,000": (b'{"a":' * 3_000 + b"1" + b"}" * 3_000, "nests deeper than 32"),  # 19 kB
     "empty": (b"", "the body is empty"),
+    "lone surrogate": (b'{"model": "tiny", "prompt": "a\\ud800b"}', "lone UTF-16 surrogate"),
 }
 
 
