@@ -35,8 +35,12 @@ class IndexBackend(Protocol):
         """Remove passages; unknown ids raise ``KeyError``."""
         ...
 
-    def search(self, query: torch.Tensor, k: int) -> list[tuple[int, float]]:
-        """Top-k ``(pid, maxsim score)`` for ``query: [query_len, dim]``, best first."""
+    def search(self, query: torch.Tensor, k: int, *, effort_k: int | None = None
+               ) -> list[tuple[int, float]]:
+        """Top-k ``(pid, maxsim score)`` for ``query: [query_len, dim]``, best first.
+        ``effort_k`` (default ``k``): an approximate backend searches as hard as for this many
+        results; hybrid search asks for more candidates than the user's k at the user's
+        effort."""
         ...
 
     def save(self, path: Path) -> None:

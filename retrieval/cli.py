@@ -74,15 +74,19 @@ def _encoder_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retriever-model", default=None,
                    help="HF_ColBERT checkpoint dir or hub id (e.g. colbert-ir/colbertv2.0); "
                         "default: the one the index was built with, or for a new index the "
-                        "offline all-MiniLM-L6-v2 late-interaction encoder (not ColBERT-trained)")
+                        "offline all-MiniLM-L6-v2 late-interaction encoder (not ColBERT-trained)"
+                        ": 384 dims for --backend exact, projected to 128 for plaid "
+                        "(ragserve/minilm-l6-late-interaction-128)")
 
 
 def _encoder(args: argparse.Namespace, index: Path | None = None):
-    from retrieval.default_encoder import load_encoder
+    from retrieval.default_encoder import PROJECTED_ENCODER_NAME, load_encoder
 
     name = args.retriever_model
     if name is None and index is not None:
         name = read_manifest(index)["encoder"]["name"]
+    elif name is None and getattr(args, "backend", None) == "plaid":
+        name = PROJECTED_ENCODER_NAME  # 128 dims: a third of the 384-dim default's search
     t0 = time.perf_counter()
     encoder = load_encoder(name, args.cache_dir)
     log.info("retriever encoder %s [%s] dim=%d loaded in %.1fs", encoder.name, encoder.label,

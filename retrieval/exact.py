@@ -74,7 +74,8 @@ class ExactBackend:
             self._packed = (tokens, owner, pids)
         return self._packed
 
-    def search(self, query: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    def search(self, query: torch.Tensor, k: int, *, effort_k: int | None = None
+               ) -> list[tuple[int, float]]:
         import torch
 
         tokens, owner, pids = self._pack()

@@ -205,7 +205,7 @@ class PassageIndex:
         lexical: list[tuple[int, float]] = []
         if mode != "lexical":
             q = self.encoder.encode_queries([query])[0]
-            late = self.backend.search(q, n)
+            late = self.backend.search(q, n, effort_k=k)
         if mode != "late_interaction":
             lexical = self.lexical.search(query, n)
         if mode == "hybrid":

@@ -190,7 +190,10 @@ class PlaidBackend:
         self._ix = _make_index(ix.codec, ix.codes[rows], ix.residuals[rows], ix.doclens[keep],
                                ix.pids[keep])
 
-    def search(self, query: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    def search(self, query: torch.Tensor, k: int, *, effort_k: int | None = None
+               ) -> list[tuple[int, float]]:
+        """colbert-ai's search with the parameters it picks for ``effort_k`` (default ``k``):
+        its ``ndocs // 4`` exactly scored passages bound what comes back."""
         import torch
 
         ix = self._ix
@@ -201,7 +204,7 @@ class PlaidBackend:
         with torch.inference_mode(), _threads(self.num_threads):
             Q = query.detach().float().cpu().contiguous()  # [q, dim]
             want = min(k, len(ix.pids))
-            ids, scores = self._rank(ix, Q, self._params(k), want)
+            ids, scores = self._rank(ix, Q, self._params(effort_k or k), want)
             top = torch.topk(scores, min(want, len(ids)))
             found = ids[top.indices]
         return [(int(ix.pids[i]), float(s)) for i, s in zip(found.tolist(), top.values.tolist())]

@@ -60,8 +60,9 @@ def test_hybrid_is_the_fusion_of_both_rankings(index):
     lexical = [p.chunk_id for p in index.search(q, k, mode="lexical")]
     hybrid = index.search(q, 3)  # the index's default mode
     assert index.retrieval.mode == "hybrid"
+    s = index.retrieval
     assert [(p.chunk_id, pytest.approx(p.score)) for p in hybrid] == fuse(
-        [(1.0, late), (1.0, lexical)], 60, 3)
+        [(s.late_interaction_weight, late), (s.lexical_weight, lexical)], s.rrf_k, 3)
     top = hybrid[0]
     assert top.doc_id == "insort_right.md" and set(top.scores) == {"late_interaction",
                                                                     "lexical"}
