@@ -8,9 +8,12 @@ cosine with any of the passage's token vectors (MaxSim normalized by the sentenc
 means every token of the sentence has an exact match in the passage).
 
 Attribution (``citations="auto"`` or ``"attribute"``): a sentence without a citation is cited
-with the passage that supports it best, when that support reaches the threshold; a model that
-never writes ``[n]`` (small models do not) still gives the user provenance, and the report says
-which citations the model wrote and which ragserve added. Sentences of fewer than
+with the passage that supports it best, when that support reaches the attribution threshold; a
+model that never writes ``[n]`` (small models do not) still gives the user provenance, and the
+report says which citations the model wrote and which ragserve added. Every cited sentence,
+attributed or not, is then judged against the grounding threshold: an attribution whose best
+support is below it is reported unsupported (in ``strip`` mode it is not made at all, so
+attribution never causes a sentence to be removed). Sentences of fewer than
 ``MIN_ATTRIBUTED_WORDS`` words and refusals ("I don't know") are not attributed.
 """
 
@@ -208,7 +211,7 @@ class Citer:
 
     def __init__(self, encoder: ColBERTEncoder, passages: Sequence[str], *,
                  mode: str = "report", citations: str = "auto",
-                 threshold: float = 0.6) -> None:
+                 threshold: float = 0.6, attribution_threshold: float | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"grounding mode must be one of {MODES}, got {mode!r}")
         if citations not in CITATION_POLICIES:
@@ -216,6 +219,9 @@ class Citer:
         self.encoder = encoder
         self.passages = list(passages)
         self.report = GroundingReport(mode=mode, threshold=threshold, citations=citations)
+        attribution = threshold if attribution_threshold is None else attribution_threshold
+        self.attribution_threshold = max(attribution, threshold) if mode == "strip" \
+            else attribution
         self._passage_vecs: list[torch.Tensor] | None = None
 
     def _vecs(self) -> list[torch.Tensor]:
@@ -256,10 +262,11 @@ class Citer:
                     supported = support >= r.threshold
                 else:
                     best = max(range(len(per)), key=per.__getitem__)
-                    if per[best] >= r.threshold:
+                    if per[best] >= self.attribution_threshold:
                         added = ns = [best + 1]
                         text = insert_citation(text, ns)
-                        support, supported = round(per[best], 4), True
+                        support = round(per[best], 4)
+                        supported = support >= r.threshold
             r.sentences.append(SentenceCheck(text, ns, support, supported, added))
             out.append(text)
         return out
@@ -275,12 +282,14 @@ class Citer:
 
 
 def check(answer: str, passages: Sequence[str], encoder: ColBERTEncoder, *, mode: str = "report",
-          threshold: float = 0.6, citations: str = "model") -> tuple[str, GroundingReport]:
+          threshold: float = 0.6, citations: str = "model",
+          attribution_threshold: float | None = None) -> tuple[str, GroundingReport]:
     """Cite and check a whole answer: remove invalid citations, attribute uncited sentences
     (``citations`` auto or attribute), score each cited sentence against its passages and, in
     ``strip`` mode, drop the sentences below ``threshold``. Returns the answer (whitespace
     between sentences kept) and the report. ``passages[n-1]`` is the text of citation ``[n]``."""
-    citer = Citer(encoder, passages, mode=mode, citations=citations, threshold=threshold)
+    citer = Citer(encoder, passages, mode=mode, citations=citations, threshold=threshold,
+                  attribution_threshold=attribution_threshold)
     spans = sentence_spans(answer)
     cited = citer.cite([answer[a:b] for a, b in spans])
     pieces, last = [], 0

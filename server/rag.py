@@ -200,7 +200,8 @@ class RAGService:
 
         return Citer(self.check_ready().encoder, [p.text for p in ctx.passages],
                      mode=ctx.grounding, citations=ctx.citations,
-                     threshold=self.config.grounding_threshold)
+                     threshold=self.config.grounding_threshold,
+                     attribution_threshold=self.config.attribution_threshold)
 
     async def check(self, ctx: RAGContext, text: str) -> tuple[str, dict]:
         """Cite and check one finished answer: the text to return and the report."""
@@ -210,7 +211,8 @@ class RAGService:
         text, report = await asyncio.get_running_loop().run_in_executor(
             self._pool, lambda: check(text, [p.text for p in ctx.passages], index.encoder,
                                       mode=ctx.grounding, citations=ctx.citations,
-                                      threshold=self.config.grounding_threshold))
+                                      threshold=self.config.grounding_threshold,
+                                      attribution_threshold=self.config.attribution_threshold))
         return text, self.reported(ctx, report)
 
     def reported(self, ctx: RAGContext, report: GroundingReport) -> dict[str, Any]:

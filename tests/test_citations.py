@@ -124,3 +124,21 @@ def test_stream_holds_only_the_sentence_being_written(tiny_colbert):
     pieces, _ = _stream(tiny_colbert, ANSWER, [len(first) - 5, len(first) + 3], "auto")
     assert pieces[0] == ""  # mid-sentence: nothing yet
     assert pieces[1] == "The capital of Zorvania is Quelthar [1]."
+
+
+def test_a_weak_attribution_is_cited_and_reported_unsupported(tiny_colbert):
+    """Below the grounding threshold but above the attribution threshold: cited (the best
+    passage there is), and the report says the support is weak; strip mode does not attribute
+    it, so attribution never gets a sentence removed."""
+    sentence = "Quelthar exports purple bananas to Mars."
+    strong, _ = check(sentence, PASSAGES, tiny_colbert, threshold=0.99, citations="auto")
+    support = Citer(tiny_colbert, PASSAGES, threshold=-1.0)
+    support.cite([sentence])
+    best = support.report.sentences[0].support
+    text, report = check(sentence, PASSAGES, tiny_colbert, threshold=best + 0.01,
+                         attribution_threshold=best - 0.01, citations="auto")
+    assert text == "Quelthar exports purple bananas to Mars [1]." and strong == sentence
+    assert report.sentences[0].attributed == [1] and report.sentences[0].supported is False
+    text, report = check(sentence, PASSAGES, tiny_colbert, mode="strip", threshold=best + 0.01,
+                         attribution_threshold=best - 0.01, citations="auto")
+    assert text == sentence and report.removed_sentences == 0
