@@ -4,7 +4,9 @@ Talks to a running ragserve (``--server URL``) or starts one (``--index DIR --mo
 ``ragserve serve --model M --index DIR`` on a free port of 127.0.0.1, waits for ``/ready``, stops
 it at the end). The dataset is JSONL, one question per line::
 
-    {"question": str, "answers": [str, ...], "gold_passages": [str, ...]}   # gold: optional
+    {"question": str, "answers": [str, ...], "gold_passages": [str, ...], "split": str}
+                                   # gold_passages and split optional; each split is also
+                                   # summarized apart ("by_split": e.g. dev and test)
 
 For each question ``POST /v1/retrieve {"query", "k"}`` gives the top-k passages, and a chat
 completion with ``"rag": {"top_k": k}`` (temperature 0) gives the answer, its ``sources`` and its
@@ -20,9 +22,18 @@ completion with ``"rag": {"top_k": k}`` (temperature 0) gives the answer, its ``
   on the answer with its ``[n]`` citation markers removed.
 - ``citation_precision``: of all citations (distinct numbers per answer), the fraction whose
   source is a gold passage (questions with gold passages) or else contains a gold answer;
-  ``cited_fraction``: the fraction of answers with at least one citation.
+  ``cited_fraction``: the fraction of answers with at least one citation;
+  ``citation_answer_precision``: the fraction of citations whose passage holds a gold answer
+  (normalized substring, as ``accuracy``). The same three over the answers that contain a gold
+  answer (``*_of_correct``), and how many citations the model wrote and how many ragserve
+  attributed (the response's ``grounding``).
+- ``by_mode``: with ``--modes``, recall@k at each of ``--recall-ks`` for each retrieval mode
+  (``/v1/retrieve``'s ``mode``: hybrid, late_interaction, lexical), from one retrieval of the
+  largest k per mode: the fraction of the question's gold passages in the top k.
 
     python -m benchmarks.rag_eval --dataset qa.jsonl --server http://127.0.0.1:8000 -k 5
+    python -m benchmarks.rag_eval --dataset benchmarks/data/more_itertools/questions.jsonl \
+        --index IDX -k 3 --modes hybrid,late_interaction,lexical   # benchmarks/data/README.md
     python -m benchmarks.rag_eval --dataset qa.jsonl --index idx --model M --out records.jsonl
     python -m benchmarks.rag_eval convert --nq NQ-open.dev.jsonl > nq.jsonl
     python -m benchmarks.rag_eval convert --hotpotqa hotpot_dev_distractor_v1.json \\
@@ -251,6 +262,7 @@ class Example:
     question: str
     answers: tuple[str, ...]
     gold_passages: tuple[str, ...] = ()
+    split: str | None = None  # e.g. "dev" / "test": summarized apart as well
 
 
 def load_dataset(path: Path, limit: int | None = None) -> list[Example]:
@@ -273,7 +285,9 @@ def load_dataset(path: Path, limit: int | None = None) -> list[Example]:
             if not isinstance(q, str) or not isinstance(answers, list) or not answers:
                 raise EvalError(f"{path}:{lineno}: 'question' must be a string and 'answers' a "
                                 "non-empty list")
-            out.append(Example(q, tuple(map(str, answers)), tuple(map(str, gold))))
+            split = row.get("split")
+            out.append(Example(q, tuple(map(str, answers)), tuple(map(str, gold)),
+                               None if split is None else str(split)))
     if not out:
         raise EvalError(f"{path}: no questions")
     return out
@@ -289,6 +303,7 @@ class Record:
     question: str
     answers: list[str]
     gold_passages: list[str]
+    split: str | None = None
     retrieved: list[str] = field(default_factory=list)  # doc ids, best first
     recall: float | None = None
     hit: bool | None = None
@@ -298,12 +313,19 @@ class Record:
     accuracy: float | None = None
     citations: list[int] = field(default_factory=list)
     citations_correct: int = 0
+    citations_holding_answer: int = 0
+    model_cited: int = 0  # citations the model wrote (grounding sentences, repeats kept)
     sources: list[str] = field(default_factory=list)  # doc id of source n at index n - 1
     invalid_citations: list[int] = field(default_factory=list)
     sentences: int = 0
     unsupported_sentences: int = 0
+    attributed: int = 0  # citations ragserve added (grounding.attributed)
     has_sources: bool = False
+    gold_ranks: dict[str, int | None] = field(default_factory=dict)  # mode -> first gold rank
     error: str | None = None
+
+
+RETRIES = 5
 
 
 class Client:
@@ -315,7 +337,11 @@ class Client:
                                       limits=httpx.Limits(max_connections=concurrency))
 
     async def _post(self, path: str, body: dict) -> dict:
-        r = await self.http.post(path, json=body)
+        for _ in range(RETRIES):  # the server sheds load with 429/503 + Retry-After: honour it
+            r = await self.http.post(path, json=body)
+            if r.status_code not in (429, 503):
+                break
+            await asyncio.sleep(min(float(r.headers.get("retry-after") or 1), 30.0))
         if r.status_code == 404 and path == "/v1/retrieve":
             raise RetrieveUnsupported(f"{self.http.base_url}{path} answered 404: the server "
                                       "has no retrieval endpoint (start it with --index DIR)")
@@ -328,8 +354,11 @@ class Client:
         r.raise_for_status()
         return r.json()["data"][0]["id"]
 
-    async def retrieve(self, query: str, k: int) -> list[dict]:
-        return (await self._post("/v1/retrieve", {"query": query, "k": k}))["data"]
+    async def retrieve(self, query: str, k: int, mode: str | None = None) -> list[dict]:
+        body: dict[str, Any] = {"query": query, "k": k}
+        if mode is not None:
+            body["mode"] = mode
+        return (await self._post("/v1/retrieve", body))["data"]
 
     async def chat(self, model: str, question: str, k: int, max_tokens: int) -> dict:
         return await self._post("/v1/chat/completions", {
@@ -355,21 +384,57 @@ def score_answer(rec: Record, ex: Example, response: dict) -> None:
     rec.citations = parse_citations(output)
     rec.citations_correct = sum(citation_correct(sources.get(n), ex.gold_passages, ex.answers)
                                 for n in rec.citations)
+    rec.citations_holding_answer = sum(citation_correct(sources.get(n), [], ex.answers)
+                                       for n in rec.citations)
     grounding = response.get("grounding") or {}
     rec.invalid_citations = list(grounding.get("invalid_citations") or [])
     rec.sentences = len(grounding.get("sentences") or [])
     rec.unsupported_sentences = int(grounding.get("unsupported") or 0)
+    rec.attributed = int(grounding.get("attributed") or 0)
+    rec.model_cited = sum(len(s.get("citations") or []) - len(s.get("attributed") or [])
+                          for s in grounding.get("sentences") or [])
+
+
+def gold_rank(gold: Sequence[str], passages: Sequence[tuple[str, str]]) -> int | None:
+    """1-based rank of the first passage that is a gold passage, None if none is.
+
+    >>> gold_rank(["b.txt"], [("a.txt", "x"), ("b.txt", "y")])
+    2
+    >>> gold_rank(["c.txt"], [("a.txt", "x")]) is None
+    True
+    """
+    for rank, (doc_id, text) in enumerate(passages, 1):
+        if any(passage_matches(g, doc_id, text) for g in gold):
+            return rank
+    return None
+
+
+def recall_by_mode(records: Sequence[Record], ks: Sequence[int]) -> dict[str, dict[str, float]]:
+    """``{mode: {"recall_at_K": fraction of questions whose first gold rank is <= K}}`` (one
+    gold passage per question, as in benchmarks/data; with several it is hit@k)."""
+    out: dict[str, dict[str, float]] = {}
+    with_ranks = [r for r in records if r.error is None and r.gold_ranks]
+    for mode in dict.fromkeys(m for r in with_ranks for m in r.gold_ranks):
+        ranks = [r.gold_ranks.get(mode) for r in with_ranks]
+        out[mode] = {f"recall_at_{k}": mean([float(x is not None and x <= k) for x in ranks])
+                     for k in ks}
+    return out
 
 
 async def evaluate_one(client: Client, model: str, ex: Example, args: argparse.Namespace
                        ) -> Record:
-    rec = Record(ex.question, list(ex.answers), list(ex.gold_passages))
+    rec = Record(ex.question, list(ex.answers), list(ex.gold_passages), ex.split)
     try:
         hits = await client.retrieve(ex.question, args.k)
         rec.retrieved = [h["doc_id"] for h in hits]
         if ex.gold_passages:
             rec.recall, rec.hit = recall_at_k(ex.gold_passages,
                                               [(h["doc_id"], h["text"]) for h in hits])
+        if ex.gold_passages:
+            for mode in args.modes:
+                ranked = await client.retrieve(ex.question, max(args.recall_ks), mode)
+                rec.gold_ranks[mode] = gold_rank(ex.gold_passages,
+                                                 [(h["doc_id"], h["text"]) for h in ranked])
         if not args.retrieval_only:
             score_answer(rec, ex, await client.chat(model, ex.question, args.k, args.max_tokens))
     except RetrieveUnsupported:
@@ -389,6 +454,8 @@ def summarize(records: Sequence[Record]) -> dict[str, Any]:
     with_gold = [r for r in ok if r.recall is not None]
     n_cit = sum(len(r.citations) for r in answered)
     n_sent = sum(r.sentences for r in answered)
+    correct = [r for r in answered if r.accuracy == 1.0]
+    n_cit_correct = sum(len(r.citations) for r in correct)
 
     def avg(xs: list[float]) -> float | None:
         return mean(xs) if xs else None
@@ -409,6 +476,16 @@ def summarize(records: Sequence[Record]) -> dict[str, Any]:
         "citation_precision": sum(r.citations_correct for r in answered) / n_cit if n_cit
         else None,
         "cited_fraction": avg([float(bool(r.citations)) for r in answered]),
+        "correct_answers": len(correct),
+        "cited_fraction_of_correct": avg([float(bool(r.citations)) for r in correct]),
+        "citation_precision_of_correct": sum(r.citations_correct for r in correct)
+        / n_cit_correct if n_cit_correct else None,
+        "citation_answer_precision": sum(r.citations_holding_answer for r in answered) / n_cit
+        if n_cit else None,
+        "citation_answer_precision_of_correct": sum(r.citations_holding_answer for r in correct)
+        / n_cit_correct if n_cit_correct else None,
+        "attributed_citations": sum(r.attributed for r in answered),
+        "model_citations": sum(r.model_cited for r in answered),
         "invalid_citations": sum(len(r.invalid_citations) for r in answered),
         "unsupported_sentence_fraction": sum(r.unsupported_sentences for r in answered) / n_sent
         if n_sent else None,
@@ -445,6 +522,12 @@ async def evaluate(url: str, examples: Sequence[Example], args: argparse.Namespa
 
 
 # -- a server of our own ----------------------------------------------------------------------
+
+
+SPLIT_KEYS = ("questions", "recall_at_k", "accuracy", "cited_fraction",
+              "cited_fraction_of_correct", "citation_precision", "citation_precision_of_correct",
+              "citation_answer_precision", "citation_answer_precision_of_correct",
+              "correct_answers")
 
 
 def free_port() -> int:
@@ -635,6 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--api-key", default=os.environ.get("RAGSERVE_API_KEY"))
     p.add_argument("--retrieval-only", action="store_true", help="no chat completions")
+    p.add_argument("--modes", default="", help="comma-separated retrieval modes to compare "
+                   "(hybrid,late_interaction,lexical): recall at each of --recall-ks")
+    p.add_argument("--recall-ks", default="1,5,10", help="the k of the per-mode recall")
     p.add_argument("--out", type=Path, help="write one JSON record per question here")
     p.add_argument("--quick", action="store_true", help="the first 20 questions")
     return p
@@ -648,6 +734,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.k < 1 or args.concurrency < 1 or args.max_tokens < 1:
         raise EvalError("-k, --concurrency and --max-tokens must be >= 1")
     args.served_model = args.model if args.server else None
+    args.modes = [m for m in args.modes.split(",") if m]
+    args.recall_ks = sorted({int(k) for k in args.recall_ks.split(",") if k})
+    if not args.recall_ks or args.recall_ks[0] < 1 or args.recall_ks[-1] > 100:
+        raise EvalError("--recall-ks must be integers in 1..100")
     examples = load_dataset(args.dataset, args.limit)
     t0 = time.perf_counter()
     if args.server:
@@ -675,6 +765,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "concurrency": args.concurrency,
         "retrieval_only": args.retrieval_only,
         **metrics,
+        "by_mode": recall_by_mode(records, args.recall_ks),
+        "by_split": {split: {**{k: v for k, v in summarize(sub).items() if k in SPLIT_KEYS},
+                             "by_mode": recall_by_mode(sub, args.recall_ks)}
+                     for split in sorted({r.split for r in records if r.split})
+                     if (sub := [r for r in records if r.split == split])},
         "wall_s": wall,
         "questions_per_s": len(records) / wall if wall else None,
     }
@@ -694,6 +789,9 @@ def _print_summary(r: dict[str, Any]) -> None:
           f"F1 {pct('f1')}, accuracy {pct('accuracy')}; citation precision "
           f"{pct('citation_precision')} over {r['citations']} citations, "
           f"{pct('cited_fraction')} of answers cite", flush=True)
+    for mode, recalls in r["by_mode"].items():
+        print(f"{mode}: " + ", ".join(f"{k.replace('_at_', '@')} {100 * v:.1f}%"
+                                      for k, v in recalls.items()), flush=True)
 
 
 def convert_main(argv: Sequence[str]) -> int:

@@ -111,6 +111,25 @@ def test_score_answer_and_summarize() -> None:
     assert m["cited_fraction"] == 1.0
     assert m["unsupported_sentence_fraction"] == 0.5
     assert m["error_examples"] == ["RuntimeError: boom"]
+    # a's [1] and b's none hold a gold answer ("Paris" / "France" in the passage text)
+    assert m["citation_answer_precision"] == 0.25
+    assert m["correct_answers"] == 2 and m["cited_fraction_of_correct"] == 1.0
+
+
+def test_attributed_citations_and_recall_by_mode() -> None:
+    ex = ev.Example("Capital of France?", ("Paris",), ("paris.txt",))
+    rec = ev.Record(ex.question, ["Paris"], ["paris.txt"])
+    response = _response("Paris is the capital [1]. It is big [1].",
+                         [("paris.txt", "Paris is the capital of France.")])
+    response["grounding"].update(attributed=1, sentences=[
+        {"citations": [1], "attributed": []}, {"citations": [1], "attributed": [1]}])
+    ev.score_answer(rec, ex, response)
+    assert (rec.model_cited, rec.attributed) == (1, 1)
+    rec.gold_ranks = {"hybrid": 1, "lexical": 4}
+    other = ev.Record("q", ["x"], ["y.txt"], gold_ranks={"hybrid": None, "lexical": 1})
+    assert ev.recall_by_mode([rec, other], [1, 5]) == {
+        "hybrid": {"recall_at_1": 0.5, "recall_at_5": 0.5},
+        "lexical": {"recall_at_1": 0.5, "recall_at_5": 1.0}}
 
 
 def test_summarize_without_answers_reports_none() -> None:
