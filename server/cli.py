@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="the OpenAI-compatible HTTP server (see `ragserve serve -h`)",
                    add_help=False)
+    sub.add_parser("run-batch", help="run an OpenAI Batch API file (JSONL) offline (see "
+                                     "`ragserve run-batch -h`)", add_help=False)
     g = sub.add_parser("generate", help="stream a completion for one prompt")
     add_engine_args(g)
     g.add_argument("--prompt", required=True)
@@ -157,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
         return serve(argv[1:])
+    if argv[:1] == ["run-batch"]:
+        from server.batch import main as run_batch
+
+        return run_batch(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
