@@ -163,3 +163,20 @@ class StubBackend:
 
     def kernel_report(self) -> None:
         return None
+
+
+POISON = 128255  # a prompt holding this token makes a PoisonRunner fail its step
+
+
+class PoisonRunner:
+    """Wraps the real runner; raises when a prefill brings a prompt holding POISON (an
+    injected device failure)."""
+
+    def __init__(self, runner: object) -> None:
+        self.runner = runner
+        self.backend = runner.backend
+
+    def execute(self, out):
+        if any(POISON in n.prompt_token_ids for n in out.new_requests):
+            raise RuntimeError("injected device failure")
+        return self.runner.execute(out)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import POISON, PoisonRunner
 from serverutil import ROOT, engine_flags
 
 from server.batch import BatchError, BatchSummary, run_batch
@@ -21,7 +22,6 @@ from server.engine import Engine, EngineConfig
 
 MODEL = "tiny"
 MSG = [{"role": "user", "content": "Tell me about buckets."}]
-POISON = 128255  # a prompt holding this token makes the wrapped runner fail its step
 TINY_FLAGS = ["--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "256",
               "--max-num-seqs", "2", "--context-encoding-buckets", "16,32,64,128",
               "--token-generation-buckets", "32,64,128,256", "--kernels", "step=eager",
@@ -201,19 +201,6 @@ def test_greedy_results_match_and_do_not_depend_on_concurrency(tiny_llama_dir: P
         texts.append({x["custom_id"]: x["response"]["body"]["choices"][0]["message"]["content"]
                       for x in read_output(out)})
     assert texts[0] == texts[1] and len(set(texts[0].values())) == 1
-
-
-class PoisonRunner:
-    """The real runner, failing any step that prefills a prompt holding POISON."""
-
-    def __init__(self, runner: object) -> None:
-        self.runner = runner
-        self.backend = runner.backend
-
-    def execute(self, out):
-        if any(POISON in n.prompt_token_ids for n in out.new_requests):
-            raise RuntimeError("injected device failure")
-        return self.runner.execute(out)
 
 
 def test_an_engine_error_is_one_error_line(tiny_llama_dir: Path, tmp_path: Path):

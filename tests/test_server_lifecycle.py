@@ -12,13 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import POISON, PoisonRunner
 from serverutil import ThreadServer, engine_flags, start_subprocess, wait_ready
 
 from server.app import build_app
 from server.config import ServerConfig
 from server.engine import Engine, EngineConfig
-
-POISON = 128255  # a prompt containing this token makes the (wrapped) runner fail
 
 
 def tiny_engine_config(model: Path) -> EngineConfig:
@@ -49,19 +48,6 @@ def test_503_with_retry_after_until_loaded(tiny_llama_dir: Path):
         r = httpx.post(f"{srv.url}/v1/completions", timeout=30,
                        json={"model": "tiny", "prompt": "hi", "max_tokens": 3})
         assert r.status_code == 200
-
-
-class PoisonRunner:
-    """Wraps the real runner; raises when a prefill brings a prompt holding POISON."""
-
-    def __init__(self, runner: object) -> None:
-        self.runner = runner
-        self.backend = runner.backend
-
-    def execute(self, out):
-        if any(POISON in n.prompt_token_ids for n in out.new_requests):
-            raise RuntimeError("injected device failure")
-        return self.runner.execute(out)
 
 
 def test_a_failing_step_answers_500_for_its_requests_and_the_server_keeps_serving(
