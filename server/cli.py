@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_index_parser(sub, default_cache_dir())
     from runtime.neuron_cli import add_neuron_parser
     add_neuron_parser(sub)
+    from server.buckets_cli import add_buckets_parser
+    add_buckets_parser(sub)
     return parser
 
 

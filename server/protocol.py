@@ -353,3 +353,33 @@ class ReadyResponse(BaseModel):
     retriever: RetrieverInfo | None = None
     phase: str | None = Field(default=None, description="while loading: e.g. compiling")
     progress: float | None = Field(default=None, description="while loading: 0..1")
+
+
+class LengthCounts(BaseModel):
+    prompt: int = Field(description="prompt lengths (what a context-encoding bucket holds)")
+    context: int = Field(description="decode context lengths: prompt + generated tokens at "
+                                     "the request's end (what a token-generation bucket holds)")
+
+
+class PaddingRatios(BaseModel):
+    context_encoding: float | None = Field(
+        description="padded / real prompt tokens with the current list on the sample; null "
+                    "without buckets or without a sample")
+    token_generation: float | None = Field(
+        description="the same for decode context lengths and token_generation_buckets")
+
+
+class BucketsResponse(BaseModel):
+    """The current bucket lists and a uniform sample of the lengths this server has served
+    (what `ragserve buckets plan --from URL` reads)."""
+
+    context_encoding_buckets: list[int] | None = Field(
+        description="null when the engine has no bucket graphs (vLLM's) or is loading")
+    token_generation_buckets: list[int] | None
+    max_model_len: int | None = None
+    sample_size: LengthCounts = Field(description="lengths kept in the sample (at most "
+                                                  "10,000 each)")
+    seen: LengthCounts = Field(description="lengths observed since the server started")
+    padding_ratio: PaddingRatios
+    prompt_lengths: list[int]
+    context_lengths: list[int]

@@ -12,6 +12,7 @@ from server.body import JSONRoute
 from server.errors import APIError, bad_request
 from server.preprocess import chat_prompt_ids
 from server.protocol import (
+    BucketsResponse,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -19,8 +20,10 @@ from server.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
+    LengthCounts,
     ModelCard,
     ModelList,
+    PaddingRatios,
     ReadyResponse,
     RetrievedPassage,
     RetrieveRequest,
@@ -172,6 +175,33 @@ async def invocations(request: Request) -> Any:
         return await serving.completions(CompletionRequest.model_validate(payload), request)
     except ValidationError as e:
         raise APIError(400, *validation_message(e.errors())) from None
+
+
+@router.get("/v1/buckets", response_model=BucketsResponse, tags=["ragserve"])
+async def buckets(request: Request) -> BucketsResponse:
+    """The current bucket lists, their padding on the lengths served so far, and a uniform
+    sample of those lengths (for `ragserve buckets plan --from URL`)."""
+    from bucketing.planner import padding_ratio
+
+    serving = request.app.state.serving
+    info = serving.engine.info
+    ce = list(info.context_encoding_buckets) if info is not None else []
+    tg = list(info.token_generation_buckets) if info is not None else []
+    sample = serving.lengths.to_json()
+    prompts, contexts = sample["prompt_lengths"], sample["context_lengths"]
+
+    def ratio(lengths: list[int], lists: list[int]) -> float | None:
+        fit = [n for n in lengths if lists and n <= lists[-1]]
+        return round(padding_ratio(fit, lists), 4) if fit else None
+
+    return BucketsResponse(
+        context_encoding_buckets=ce or None, token_generation_buckets=tg or None,
+        max_model_len=info.max_model_len if info is not None else None,
+        sample_size=LengthCounts(prompt=len(prompts), context=len(contexts)),
+        seen=LengthCounts(**sample["seen"]),
+        padding_ratio=PaddingRatios(context_encoding=ratio(prompts, ce),
+                                    token_generation=ratio(contexts, tg)),
+        prompt_lengths=prompts, context_lengths=contexts)
 
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["ops"])

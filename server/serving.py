@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from bucketing.sample import LengthSample
 from scheduler import FinishReason, SamplingParams, TokenLogprobs
 from server.admission import (
     KEEPALIVE,
@@ -176,6 +177,8 @@ class OpenAIServing:
         self.chat_template = config.chat_template_text()
         self.admission = Admission(config.max_num_seqs, config.max_queue_len,
                                    config.max_queue_wait)
+        #: finished requests' lengths, for GET /v1/buckets (bucket planning)
+        self.lengths = LengthSample()
 
     # -- checks --------------------------------------------------------------------------
 
@@ -252,6 +255,8 @@ class OpenAIServing:
         start = first_at.setdefault(i, now)
         if o.finished:
             self.admission.observe_service(now - start, now)
+            if o.finish_reason != FinishReason.ERROR and o.prompt_token_ids:
+                self.lengths.observe(len(o.prompt_token_ids), len(o.token_ids))
 
     # -- chat ----------------------------------------------------------------------------
 
