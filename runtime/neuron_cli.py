@@ -2,16 +2,28 @@
 
 Reads only ``config.json`` (no weights, no torch, no Neuron packages) and prints the HBM budget
 per NeuronCore and a ``ragserve serve`` line; exits 2 with the reason when the model cannot fit.
+With ``--from`` (a running server's URL, a saved ``/v1/buckets`` body or a lengths JSONL file, as
+``ragserve buckets plan`` takes), the bucket lists are planned from that traffic, with as many
+graphs as the power-of-two lists, instead of being powers of two: memory and buckets in one plan.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from runtime.neuron_plan import INSTANCES, ModelShape, NeuronConfigError, format_plan, recommend
+from runtime.neuron_plan import (
+    INSTANCES,
+    ModelShape,
+    NeuronConfigError,
+    Plan,
+    format_plan,
+    recommend,
+)
 
 
 def add_neuron_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,8 +42,45 @@ def add_neuron_parser(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--max-num-seqs", type=int, default=None,
                       help="batch size to plan for (default: the largest power of two <= 64 "
                            "that fits)")
+    plan.add_argument("--from", dest="source", default=None, metavar="SOURCE",
+                      help="plan the bucket lists from observed traffic: http://host:port (GET "
+                           "/v1/buckets), a saved /v1/buckets JSON or a lengths JSONL file")
+    plan.add_argument("--api-key", default=None,
+                      help="for --from URL (default: $RAGSERVE_API_KEY)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=cmd_plan)
+
+
+def plan_from_traffic(plan: Plan, source: str, api_key: str | None) -> Plan:
+    """``plan`` with its bucket lists replaced by the least-padding lists of the same lengths
+    for the lengths ``source`` observed; the notes say what the plan gains on that sample."""
+    from bucketing import padding_ratio, plan_buckets
+    from server.buckets_cli import PlanError, load_source
+
+    try:
+        src = load_source(source, api_key)
+    except PlanError as e:
+        raise NeuronConfigError(f"--from {source}: {e}") from None
+    sample = src.sample.to_json()
+    notes = list(plan.notes)
+    lists = {}
+    for key, name, lengths in (
+            ("context_encoding_buckets", "prefill", sample["prompt_lengths"]),
+            ("token_generation_buckets", "decode", sample["context_lengths"])):
+        current = list(getattr(plan, key))
+        fit = [n for n in lengths if n <= plan.max_model_len]
+        if not fit:
+            raise NeuronConfigError(f"--from {source}: no observed {name} length fits "
+                                    f"--max-model-len {plan.max_model_len}")
+        planned = plan_buckets(fit, len(current), plan.max_model_len, align=64)
+        lists[key] = tuple(planned)
+        notes.append(f"{name} buckets planned from {len(fit)} observed lengths: padding "
+                     f"{padding_ratio(fit, planned):.3f} (powers of two: "
+                     f"{padding_ratio(fit, current):.3f})")
+        if len(fit) < len(lengths):
+            notes.append(f"{len(lengths) - len(fit)} observed {name} lengths exceed "
+                         f"--max-model-len {plan.max_model_len} and were left out")
+    return replace(plan, notes=tuple(notes), **lists)
 
 
 def read_shape(model: Path) -> ModelShape:
@@ -54,6 +103,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         shape = read_shape(args.model)
         plan = recommend(shape, args.instance, dtype=args.dtype,
                          max_model_len=args.max_model_len, batch_size=args.max_num_seqs)
+        if args.source:
+            plan = plan_from_traffic(plan, args.source,
+                                     args.api_key or os.environ.get("RAGSERVE_API_KEY"))
     except (NeuronConfigError, FileNotFoundError) as e:
         print(f"ragserve neuron plan: error: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -303,6 +304,35 @@ def test_cli_plan_json_from_config_path(tmp_path: Path, capsys: pytest.CaptureFi
     assert plan["max_model_len"] == 4096 and plan["estimate"]["free"] > 0
     assert plan["serve_args"][:6] == ["--device", "neuron", "--dtype", "bfloat16",
                                       "--tensor-parallel-size", "2"]
+
+
+def test_cli_plan_buckets_from_traffic(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """--from: the same memory plan, with bucket lists planned from observed lengths (as many
+    graphs as the power-of-two lists, less padding on the sample)."""
+    model = write_model(tmp_path, "Llama-3-8B", LLAMA3_8B)
+    rng = random.Random(0)
+    lines = []
+    for _ in range(2000):  # short chat prompts, 100..300 generated tokens
+        prompt = rng.randint(150, 400)
+        lines.append(json.dumps({"prompt_tokens": prompt,
+                                 "total_tokens": prompt + rng.randint(100, 300)}))
+    lines.append(json.dumps({"prompt_tokens": 5000, "total_tokens": 5100}))  # over the limit
+    (tmp_path / "lengths.jsonl").write_text("\n".join(lines) + "\n")
+    base = ["neuron", "plan", "--model", str(model), "--instance", "inf2.8xlarge",
+            "--max-model-len", "4096", "--max-num-seqs", "4", "--json"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*base, "--from", str(tmp_path / "lengths.jsonl")]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["estimate"] == plain["estimate"] and planned["tp_degree"] == 2
+    for key in ("context_encoding_buckets", "token_generation_buckets"):
+        assert len(planned[key]) == len(plain[key]) and planned[key][-1] == 4096
+        assert planned[key] != plain[key]
+    assert any("prefill buckets planned from 2000 observed lengths" in n
+               for n in planned["notes"])
+    assert any("1 observed prefill lengths exceed" in n for n in planned["notes"])
+    assert main([*base, "--from", str(tmp_path / "missing.jsonl")]) == 2
+    assert "--from" in capsys.readouterr().err
 
 
 def test_cli_plan_cannot_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
