@@ -121,6 +121,49 @@ class EngineFront:
     def ready(self) -> bool:
         return self.state == EngineState.READY
 
+    # -- requests (called from the event loop) -------------------------------------------
+
+    async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
+                       params: SamplingParams, arrival: float | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as they come; aborts it if the consumer goes away."""
+        if not self.ready:
+            raise EngineNotReady(f"engine is {self.state.value}")
+        sink: asyncio.Queue = asyncio.Queue()
+        self._submitted += 1  # before the add is queued: submitted - applied never goes below 0
+        self._submit(request_id, list(prompt_token_ids), params,
+                     time.monotonic() if arrival is None else arrival,
+                     asyncio.get_running_loop(), sink)
+        finished = False
+        try:
+            while True:
+                item = await sink.get()
+                if isinstance(item, BaseException):
+                    finished = True  # the engine has forgotten it already
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._forget(request_id)
+            if not finished:
+                self._abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._abort(request_id)
+
+    def _submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                arrival: float, loop: asyncio.AbstractEventLoop, sink: asyncio.Queue) -> None:
+        """Hand one request to the engine loop; its outputs go to ``sink`` on ``loop``."""
+        raise NotImplementedError
+
+    def _forget(self, request_id: str) -> None:
+        """The request's stream has ended (the thread front keeps nothing to drop)."""
+
+    def _abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
     @property
     def info(self) -> ModelInfo | None:
         return self._info
@@ -169,34 +212,10 @@ class AsyncEngine(EngineFront):
 
     # -- requests (called from the event loop) -------------------------------------------
 
-    async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
-                       params: SamplingParams, arrival: float | None = None
-                       ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as they come; aborts it if the consumer goes away."""
-        if not self.ready:
-            raise EngineNotReady(f"engine is {self.state.value}")
-        loop = asyncio.get_running_loop()
-        sink: asyncio.Queue = asyncio.Queue()
-        self._submitted += 1
-        self._commands.put(("add", request_id, list(prompt_token_ids), params,
-                            time.monotonic() if arrival is None else arrival, loop, sink))
+    def _submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                arrival: float, loop: asyncio.AbstractEventLoop, sink: asyncio.Queue) -> None:
+        self._commands.put(("add", request_id, prompt_token_ids, params, arrival, loop, sink))
         self._wake.set()
-        finished = False
-        try:
-            while True:
-                item = await sink.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                self._abort(request_id)
-
-    async def abort(self, request_id: str) -> None:
-        self._abort(request_id)
 
     def _abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))

@@ -31,8 +31,6 @@ import logging
 import multiprocessing
 import signal
 import threading
-import time
-from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -42,7 +40,6 @@ from server.async_engine import AsyncEngine, EngineFront, EngineObserver, _deliv
 from server.engine import Engine, EngineConfig
 from server.engine_client import (
     EngineDead,
-    EngineNotReady,
     EngineState,
     FailureCallback,
 )
@@ -239,39 +236,20 @@ class ProcessEngine(EngineFront):
                 self._process.join(5)
         self.state = EngineState.STOPPED
 
-    # -- requests (called from the event loop) -------------------------------------------
+    # -- requests (EngineFront.generate calls these on the event loop) ------------------
 
-    async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
-                       params: SamplingParams, arrival: float | None = None
-                       ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as they come; aborts it if the consumer goes away."""
-        if not self.ready:
-            raise EngineNotReady(f"engine is {self.state.value}")
-        sink: asyncio.Queue = asyncio.Queue()
+    def _submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                arrival: float, loop: asyncio.AbstractEventLoop, sink: asyncio.Queue) -> None:
         with self._lock:
-            self._tracked[request_id] = _Tracked(asyncio.get_running_loop(), sink, request_id,
+            self._tracked[request_id] = _Tracked(loop, sink, request_id,
                                                  tuple(prompt_token_ids))
-        self._submitted += 1
-        self._commands.put(("add", request_id, list(prompt_token_ids), params,
-                            time.monotonic() if arrival is None else arrival))
-        finished = False
-        try:
-            while True:
-                item = await sink.get()
-                if isinstance(item, BaseException):
-                    finished = True  # the engine has forgotten it already
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
-        finally:
-            with self._lock:
-                self._tracked.pop(request_id, None)
-            if not finished:
-                self._commands.put(("abort", request_id))
+        self._commands.put(("add", request_id, prompt_token_ids, params, arrival))
 
-    async def abort(self, request_id: str) -> None:
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            self._tracked.pop(request_id, None)
+
+    def _abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
     # -- threads ---------------------------------------------------------------------------
