@@ -162,8 +162,7 @@ class RAGService:
     async def search(self, query: str, k: int, mode: str | None = None) -> list[Passage]:
         index = self.check_ready()
         t0 = time.perf_counter()
-        hits = await asyncio.get_running_loop().run_in_executor(self._pool, index.search,
-                                                                query, k, mode)
+        hits = await self.run(index.search, query, k, mode)
         if self.metrics is not None:
             self.metrics.observe_retrieval(time.perf_counter() - t0)
         return hits
@@ -208,11 +207,11 @@ class RAGService:
         from retrieval.grounding import check
 
         index = self.check_ready()
-        text, report = await asyncio.get_running_loop().run_in_executor(
-            self._pool, lambda: check(text, [p.text for p in ctx.passages], index.encoder,
-                                      mode=ctx.grounding, citations=ctx.citations,
-                                      threshold=self.config.grounding_threshold,
-                                      attribution_threshold=self.config.attribution_threshold))
+        text, report = await self.run(
+            lambda: check(text, [p.text for p in ctx.passages], index.encoder,
+                          mode=ctx.grounding, citations=ctx.citations,
+                          threshold=self.config.grounding_threshold,
+                          attribution_threshold=self.config.attribution_threshold))
         return text, self.reported(ctx, report)
 
     def reported(self, ctx: RAGContext, report: GroundingReport) -> dict[str, Any]:
