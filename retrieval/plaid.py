@@ -9,16 +9,22 @@ What comes from colbert-ai 0.2.22, driven in-process:
   (built with one sort instead of its per-centroid loop);
 - search, as ``IndexScorer.rank`` on CPU: centroid scores, ``ncells`` probed centroids per query
   token, ``filter_pids`` (centroid-interaction pruning with ``centroid_score_threshold``, then
-  ``ndocs`` -> ``ndocs // 4`` passages) and ``decompress_residuals`` (colbert-ai's C++ kernels),
-  with ``ncells``/threshold/``ndocs`` chosen by ``k`` as ``Searcher.dense_search`` does. The final
+  ``ndocs`` -> ``ndocs // 4`` passages) and ``decompress_residuals``, with
+  ``ncells``/threshold/``ndocs`` chosen by ``k`` as ``Searcher.dense_search`` does. The final
   scores are exact MaxSim on the decompressed vectors (``retrieval.maxsim``).
 - files: colbert-ai's index layout (one chunk) plus ``pids.pt``, our passage id per internal id.
 
 ``add`` after the first build keeps the centroids and codec (as ``IndexUpdater.add``): new
 passages are compressed with them and the IVF is extended. An index emptied by ``remove`` forgets
-its centroids; the next ``add`` trains new ones. If the C++ kernels cannot be built, search uses
-colbert-ai's pure-torch decompression and a torch version of ``filter_pids`` (slower, same
-results up to ties), and says so in the log. See ``retrieval/PLAID_NOTES.md`` for load times.
+its centroids; the next ``add`` trains new ones.
+
+The search kernels (``Kernels``) are ragserve's own by default: ``plaid_kernels.c``, the same
+computations as colbert-ai's ``filter_pids`` and ``decompress_residuals`` C++ kernels in about
+half the time (no hash set per passage; decompression through one precombined byte table,
+normalized as it writes), built by the system C compiler in under a second
+(``retrieval/native.py``). Without a compiler, colbert-ai's kernels; if those cannot be built
+either, a pure-torch path (slower, same results up to ties). Each fallback says so in the log.
+``retrieval/PLAID_NOTES.md``: load times and where a search's time goes.
 """
 
 from __future__ import annotations
@@ -98,6 +104,7 @@ class _Index:
     ivf_lengths: torch.Tensor  # [C] int64
     ivf_offsets: torch.Tensor  # [C + 1] int64
     pids: torch.Tensor  # [n] int64: our pid of each internal id
+    table: torch.Tensor  # [256, 8 // nbits] float32: the residual values a packed byte holds
 
 
 class PlaidBackend:
@@ -106,13 +113,16 @@ class PlaidBackend:
     ``ncells``, ``centroid_score_threshold`` and ``ndocs`` default (None) to colbert-ai's choice
     by ``k``. ``num_threads`` (default 1) is the torch/kernel thread count inside ``search``:
     on a small CPU one thread avoids OpenMP workers spinning against colbert-ai's pthreads.
+    ``kernels``: ``auto`` (ragserve's own, else colbert-ai's, else pure torch), or one of
+    ``native``, ``colbert``, ``torch`` (benchmarks compare them; not saved with the index).
     """
 
     name = "plaid"
 
     def __init__(self, dim: int, *, nbits: int = 2, ncells: int | None = None,
                  centroid_score_threshold: float | None = None, ndocs: int | None = None,
-                 kmeans_niters: int = 4, num_threads: int | None = 1) -> None:
+                 kmeans_niters: int = 4, num_threads: int | None = 1,
+                 kernels: str = "auto") -> None:
         if nbits not in (1, 2, 4, 8):
             raise ValueError(f"nbits must be 1, 2, 4 or 8, got {nbits}")
         if dim <= 0 or dim % (8 * nbits):
@@ -126,7 +136,7 @@ class PlaidBackend:
         self.centroid_score_threshold = centroid_score_threshold
         self.num_threads = num_threads
         self._colbert = _import_colbert()
-        self._kernels = _load_kernels(self._colbert)
+        self._kernels = load_kernels(self._colbert, kernels)
         self._ix: _Index | None = None
 
     # -- IndexBackend ------------------------------------------------------------------------
@@ -352,14 +362,11 @@ class PlaidBackend:
         cand = ix.ivf[_ranges(ix.ivf_offsets[cells], ix.ivf_lengths[cells])].unique()
         if len(cand) < want:  # the probed cells hold fewer passages than asked for
             cand = torch.arange(len(ix.pids), dtype=torch.int32)
-        keep = centroid_scores.max(-1).values >= p.centroid_score_threshold
-        filter_pids, decompress = self._kernels
-        ids = filter_pids(cand.int(), centroid_scores, ix.codes, ix.doclens, ix.offsets, keep,
-                          p.ndocs)
-        D = decompress(ids, ix)
-        lens = ix.doclens[ids.long()]
-        owner = torch.repeat_interleave(torch.arange(len(ids)), lens)
-        return ids.long(), maxsim_packed(Q, D, owner, len(ids))
+        keep = centroid_scores.amax(-1) >= p.centroid_score_threshold
+        kern = self._kernels
+        ids = kern.filter_pids(cand.int(), centroid_scores, ix, keep, p.ndocs)
+        D = kern.decompress(ids, ix)  # [tokens, dim], normalized
+        return ids.long(), kern.maxsim(Q, D, ix.doclens[ids.long()])
 
 
 def _make_index(codec: Any, codes: torch.Tensor, residuals: torch.Tensor, doclens: torch.Tensor,
@@ -376,10 +383,14 @@ def _make_index(codec: Any, codes: torch.Tensor, residuals: torch.Tensor, doclen
         ivf = ((keys % n).int(), torch.bincount(keys // n, minlength=C))
     ivf_ids, ivf_lengths = ivf
     zero = torch.zeros(1, dtype=torch.long)
-    return _Index(codec=codec, codes=codes.int(), residuals=residuals, doclens=doclens.long(),
-                  offsets=torch.cat((zero, doclens.long().cumsum(0))), ivf=ivf_ids.int(),
-                  ivf_lengths=ivf_lengths.long(),
-                  ivf_offsets=torch.cat((zero, ivf_lengths.long().cumsum(0))), pids=pids.long())
+    # what decompress_residuals reads per packed byte: bucket weights in bit-reversed order
+    table = codec.bucket_weights.float()[
+        codec.decompression_lookup_table[codec.reversed_bit_map.long()].long()].contiguous()
+    return _Index(codec=codec, codes=codes.int().contiguous(), residuals=residuals.contiguous(),
+                  doclens=doclens.long(), offsets=torch.cat((zero, doclens.long().cumsum(0))),
+                  ivf=ivf_ids.int(), ivf_lengths=ivf_lengths.long(),
+                  ivf_offsets=torch.cat((zero, ivf_lengths.long().cumsum(0))), pids=pids.long(),
+                  table=table)
 
 
 def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -474,12 +485,73 @@ def _set_extensions_dir() -> Path:
     return Path(os.environ["TORCH_EXTENSIONS_DIR"])
 
 
-Kernels = tuple[Callable[..., "torch.Tensor"], Callable[["torch.Tensor", _Index], "torch.Tensor"]]
+@dataclass(frozen=True)
+class Kernels:
+    """The three steps of a search after the centroid scores, one implementation each:
+    ``filter_pids(cand, centroid_scores, ix, keep, ndocs)`` -> the ``ndocs // 4`` internal ids
+    to score exactly; ``decompress(ids, ix)`` -> their normalized vectors, passage by passage;
+    ``maxsim(Q, D, lens)`` -> their scores."""
+
+    name: str  # native (retrieval/plaid_kernels.c), colbert (colbert-ai's C++), torch
+    filter_pids: Callable[..., torch.Tensor]
+    decompress: Callable[[torch.Tensor, _Index], torch.Tensor]
+    maxsim: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _load_kernels(cb: _Colbert) -> Kernels:
-    """colbert-ai's ``filter_pids`` and ``decompress_residuals`` C++ kernels (built once into the
-    extensions dir), or pure-torch equivalents when they cannot be built."""
+def load_kernels(cb: _Colbert, which: str = "auto") -> Kernels:
+    """``auto``: ragserve's own kernels (``retrieval/native.py``: a C file, built in under a
+    second where a C compiler exists), else colbert-ai's C++ kernels (built once into the
+    extensions dir), else pure torch; each fallback says why in the log. Naming one
+    (``native``, ``colbert``, ``torch``) takes that one or raises."""
+    from retrieval.native import NativeError
+
+    if which not in ("auto", "native", "colbert", "torch"):
+        raise ValueError(f"kernels must be auto, native, colbert or torch, got {which!r}")
+    if which in ("auto", "native"):
+        try:
+            return _native_kernels()
+        except NativeError as e:
+            if which == "native":
+                raise BackendError(f"ragserve's PLAID kernels are unavailable: {e}") from e
+            log.warning("plaid: %s; using colbert-ai's kernels", e)
+    if which in ("auto", "colbert"):
+        try:
+            return _colbert_kernels(cb)
+        except Exception as e:  # no compiler, failed build: fall back, loudly
+            if which == "colbert":
+                raise BackendError(f"colbert-ai's C++ kernels are unavailable ({e})") from e
+            log.warning("plaid: colbert-ai's C++ kernels are unavailable (%s: %s); searching "
+                        "with the pure-torch path, several times slower", type(e).__name__, e)
+    return TORCH_KERNELS
+
+
+def _native_kernels() -> Kernels:
+    from retrieval import native
+
+    k = native.load(cache_dir())
+
+    def filter_pids(cand: torch.Tensor, cs: torch.Tensor, ix: _Index, keep: torch.Tensor,
+                    ndocs: int) -> torch.Tensor:
+        def approx(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            return k.centroid_interaction(ids, cs, ix.codes, ix.offsets, ix.doclens, mask)
+
+        return _two_stage(cand, approx, keep, ndocs)
+
+    def decompress(ids: torch.Tensor, ix: _Index) -> torch.Tensor:
+        return k.decompress(ids.int().contiguous(), ix.offsets, ix.doclens, ix.residuals,
+                            ix.codes, ix.codec.centroids, ix.table)
+
+    def maxsim(Q: torch.Tensor, D: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        return k.segment_maxsim(lens.long().contiguous(), (D @ Q.T).contiguous())
+
+    return Kernels("native", filter_pids, decompress, maxsim)
+
+
+def _colbert_kernels(cb: _Colbert) -> Kernels:
+    """colbert-ai's ``filter_pids`` and ``decompress_residuals`` C++ kernels, built on first use
+    (both at once); raises when they cannot be built."""
+    import torch
+
     scorer = cb.IndexScorer
     if not hasattr(scorer, "loaded_extensions"):
         root = _set_extensions_dir()
@@ -489,28 +561,25 @@ def _load_kernels(cb: _Colbert) -> Kernels:
             log.info("plaid: compiling colbert-ai's C++ search kernels into %s "
                      "(once per machine, about a minute)", root)
         t = time.perf_counter()
-        try:
-            if not built:
-                _build_in_parallel(scorer)
-            with contextlib.redirect_stdout(io.StringIO()):  # colbert-ai prints progress lines
-                scorer.try_load_torch_extensions(use_gpu=False)
-        except Exception as e:  # no compiler, failed build: fall back, loudly
-            log.warning("plaid: colbert-ai's C++ kernels are unavailable (%s: %s); searching "
-                        "with the pure-torch path, several times slower", type(e).__name__, e)
-            return _filter_pids_torch, _decompress_torch
+        if not built:
+            _build_in_parallel(scorer)
+        with contextlib.redirect_stdout(io.StringIO()):  # colbert-ai prints progress lines
+            scorer.try_load_torch_extensions(use_gpu=False)
         if not built:
             log.info("plaid: kernels built in %.0f s", time.perf_counter() - t)
 
-    def decompress(ids: torch.Tensor, ix: _Index) -> torch.Tensor:
-        import torch
+    def filter_pids(cand: torch.Tensor, cs: torch.Tensor, ix: _Index, keep: torch.Tensor,
+                    ndocs: int) -> torch.Tensor:
+        return scorer.filter_pids(cand, cs, ix.codes, ix.doclens, ix.offsets, keep, ndocs)
 
+    def decompress(ids: torch.Tensor, ix: _Index) -> torch.Tensor:
         c = ix.codec
         D = scorer.decompress_residuals(ids, ix.doclens, ix.offsets, c.bucket_weights,
                                         c.reversed_bit_map, c.decompression_lookup_table,
                                         ix.residuals, ix.codes, c.centroids, c.dim, c.nbits)
         return torch.nn.functional.normalize(D, p=2, dim=-1)
 
-    return scorer.filter_pids, decompress
+    return Kernels("colbert", filter_pids, decompress, _maxsim_torch)
 
 
 def _build_in_parallel(scorer: Any) -> None:
@@ -540,25 +609,30 @@ def _remove_stale_locks(root: Path) -> None:
                 lock.unlink()
 
 
-def _filter_pids_torch(pids: torch.Tensor, centroid_scores: torch.Tensor, codes: torch.Tensor,
-                       doclens: torch.Tensor, offsets: torch.Tensor, keep: torch.Tensor,
+def _two_stage(cand: torch.Tensor, approx: Callable[..., torch.Tensor], keep: torch.Tensor,
+               ndocs: int) -> torch.Tensor:
+    """filter_pids.cpp's two passes: the top ``ndocs`` by centroid interaction over the
+    centroids in ``keep``, then the top ``ndocs // 4`` of those over all centroids."""
+    first = cand[approx(cand, keep).topk(min(ndocs, len(cand))).indices]
+    return first[approx(first, None).topk(min(ndocs // 4, len(first))).indices].int()
+
+
+def _filter_pids_torch(cand: torch.Tensor, cs: torch.Tensor, ix: _Index, keep: torch.Tensor,
                        ndocs: int) -> torch.Tensor:
-    """filter_pids.cpp in torch: the top ``ndocs`` by centroid interaction over the centroids
-    in ``keep``, then the top ``ndocs // 4`` of those over all centroids."""
+    """filter_pids.cpp in torch."""
     import torch
 
     def approx(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        lens = doclens[ids.long()]
-        c = codes[_ranges(offsets[ids.long()], lens)].long()
-        s = centroid_scores[c]  # [tokens, q]
+        lens = ix.doclens[ids.long()]
+        c = ix.codes[_ranges(ix.offsets[ids.long()], lens)].long()
+        s = cs[c]  # [tokens, q]
         if mask is not None:
             s = s.masked_fill(~mask[c].unsqueeze(1), -9999.0)
         best = torch.full((len(ids), s.shape[1]), -9999.0)
         owner = torch.repeat_interleave(torch.arange(len(ids)), lens).unsqueeze(1)
         return best.scatter_reduce_(0, owner.expand_as(s), s, reduce="amax").sum(1)
 
-    first = pids[approx(pids, keep).topk(min(ndocs, len(pids))).indices]
-    return first[approx(first, None).topk(min(ndocs // 4, len(first))).indices].int()
+    return _two_stage(cand, approx, keep, ndocs)
 
 
 def _decompress_torch(ids: torch.Tensor, ix: _Index) -> torch.Tensor:
@@ -566,3 +640,13 @@ def _decompress_torch(ids: torch.Tensor, ix: _Index) -> torch.Tensor:
     rows = _ranges(ix.offsets[ids.long()], ix.doclens[ids.long()])
     packed = type(ix.codec).Embeddings(ix.codes[rows], ix.residuals[rows])
     return ix.codec.decompress(packed)
+
+
+def _maxsim_torch(Q: torch.Tensor, D: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    owner = torch.repeat_interleave(torch.arange(len(lens)), lens)
+    return maxsim_packed(Q, D, owner, len(lens))
+
+
+TORCH_KERNELS = Kernels("torch", _filter_pids_torch, _decompress_torch, _maxsim_torch)

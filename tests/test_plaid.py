@@ -19,7 +19,7 @@ import torch
 
 from retrieval.backend import BackendError
 from retrieval.maxsim import maxsim, maxsim_packed
-from retrieval.plaid import PlaidBackend, _decompress_torch, _filter_pids_torch
+from retrieval.plaid import PlaidBackend, _decompress_torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DIM = 32
@@ -125,14 +125,78 @@ def test_recall_at_10_against_exact_maxsim(mixed, mixed_index):
     assert sum(vs_decompressed) / len(vs_decompressed) >= 0.97
 
 
-def test_torch_fallback_kernels_agree_with_colbert_kernels(mixed, mixed_index):
+@pytest.mark.parametrize("kernels", ["colbert", "torch"])
+def test_kernels_agree(mixed, mixed_index, kernels):
+    """ragserve's kernels (the default here: the test machine has a C compiler), colbert-ai's
+    C++ kernels and the pure-torch path rank and score alike."""
     _, mixes = mixed
-    fallback = build(mixed[0])
-    fallback._kernels = (_filter_pids_torch, _decompress_torch)
+    assert mixed_index._kernels.name == "native"
+    other = PlaidBackend(DIM, kernels=kernels)
+    other._ix = mixed_index._ix
+    assert other._kernels.name == kernels
     for _, q in queries(mixes, 10, length=32, noise=0.1, seed=5):
-        ours, theirs = mixed_index.search(q, 5), fallback.search(q, 5)
+        ours, theirs = mixed_index.search(q, 5), other.search(q, 5)
         assert [p for p, _ in ours] == [p for p, _ in theirs]
         assert [s for _, s in ours] == pytest.approx([s for _, s in theirs], abs=1e-4)
+
+
+def test_native_kernels_against_colbert_and_torch(mixed_index):
+    """Each native kernel on its own: centroid interaction (with and without the keep mask, a
+    passage's repeated codes counted once), decompression (normalized) and segment MaxSim (a
+    passage with no rows scores 0)."""
+    from retrieval import native
+    from retrieval.plaid import _decompress_torch, _maxsim_torch, cache_dir
+
+    k = native.load(cache_dir())
+    ix = mixed_index._ix
+    g = torch.Generator().manual_seed(9)
+    cs = torch.randn(len(ix.codec.centroids), 7, generator=g)
+    keep = torch.rand(len(cs), generator=g) > 0.5
+    ids = torch.randperm(len(ix.pids), generator=g)[:40].int()
+    for mask in (keep, None):
+        got = k.centroid_interaction(ids, cs, ix.codes, ix.offsets, ix.doclens, mask)
+        for i, score in zip(ids.tolist(), got.tolist()):
+            codes = ix.codes[ix.offsets[i]:ix.offsets[i + 1]].long().unique()
+            if mask is not None:
+                codes = codes[mask[codes]]
+            want = cs[codes].amax(0).sum() if len(codes) else torch.tensor(-9999.0 * 7)
+            assert score == pytest.approx(float(want), abs=1e-3)
+    D = k.decompress(ids, ix.offsets, ix.doclens, ix.residuals, ix.codes, ix.codec.centroids,
+                     ix.table)
+    assert torch.allclose(D, _decompress_torch(ids, ix), atol=1e-5)
+    q = unit(torch.randn(5, DIM, generator=g))
+    lens = torch.tensor([3, 0, 4, 1])
+    rows = unit(torch.randn(8, DIM, generator=g))
+    got = k.segment_maxsim(lens, (rows @ q.T).contiguous())
+    assert torch.allclose(got, _maxsim_torch(q, rows, lens), atol=1e-5)
+    assert got[1] == 0
+    with pytest.raises(TypeError, match=r"contiguous CPU torch\.int32"):
+        k.centroid_interaction(ids.long(), cs, ix.codes, ix.offsets, ix.doclens, None)
+
+
+def test_without_a_compiler_colbert_kernels_take_over(monkeypatch, tmp_path, caplog):
+    from retrieval import native
+    from retrieval.plaid import load_kernels
+
+    monkeypatch.setenv("RAGSERVE_CACHE_DIR", str(tmp_path))  # nothing built here yet
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    backend = PlaidBackend(DIM)
+    assert backend._kernels.name == "colbert"
+    assert "no C compiler" in caplog.text
+    with pytest.raises(BackendError, match="no C compiler"):
+        load_kernels(backend._colbert, "native")
+    with pytest.raises(ValueError, match="kernels must be"):
+        load_kernels(backend._colbert, "fast")
+
+
+def test_native_build_is_cached_and_atomic(tmp_path):
+    from retrieval import native
+
+    path = native.build(tmp_path)
+    assert path == native.library_path(tmp_path) and path.exists()
+    mtime = path.stat().st_mtime_ns
+    assert native.build(tmp_path) == path and path.stat().st_mtime_ns == mtime
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
 
 
 def test_add_after_build_uses_the_trained_codec(mixed):
