@@ -16,9 +16,10 @@ scheduler's stats; goal <= 1.25 for the default), the same for powers of two, an
 the three lists over a 10,000-prompt trace of the same distribution (no model needed).
 
 Prefill cost is fitted as ``c + a*L + b*L^2`` (fixed, weights linear, attention quadratic) to
-the measured (bucket length, TTFT) pairs. With it, ``model_ttft_ratio`` gives each list's TTFT
-ratio over the whole distribution (10,000 lengths), and ``ttft_ratio_no_padding_bound`` what a
-perfect list (every prompt in a graph of its exact length) would reach.
+the measured (bucket length, TTFT) pairs (:mod:`bucketing.cost`, which ``ragserve buckets plan``
+uses too). With it, ``model_ttft_ratio`` gives each list's TTFT ratio over the whole
+distribution (10,000 lengths), and ``ttft_ratio_no_padding_bound`` what a perfect list (every
+prompt in a graph of its exact length) would reach.
 
     python -m benchmarks.bucketing [--quick]
 """
@@ -30,6 +31,7 @@ import time
 
 from benchmarks.common import emit, mean, median, parser, round_floats
 from bucketing import generate_buckets, generate_dense_buckets, padding_ratio, plan_buckets
+from bucketing.cost import PrefillCost, fit_cost, relative_cost
 from scheduler import SamplingParams
 from server.engine import Engine, EngineConfig
 
@@ -41,23 +43,6 @@ CONFIGS = {
     "pow2": tuple(generate_buckets(128, MAX_LEN)),
     "single": (MAX_LEN,),
 }
-
-
-def fit_cost(points: list[tuple[int, float]]) -> tuple[float, float, float]:
-    """Least squares ``t = c + a*L + b*L^2`` through (L, t) points."""
-    import numpy as np
-
-    L = np.array([p[0] for p in points], dtype=float)
-    t = np.array([p[1] for p in points], dtype=float)
-    c, a, b = np.linalg.lstsq(np.stack([np.ones_like(L), L, L * L], 1), t, rcond=None)[0]
-    return float(c), float(a), float(b)
-
-
-def model_ratio(cost, lengths: list[int], buckets: list[int]) -> float:
-    """Mean fitted TTFT with ``buckets`` / with one max-length graph."""
-    import bisect
-
-    return mean([cost(buckets[bisect.bisect_left(buckets, n)]) for n in lengths]) / cost(MAX_LEN)
 
 
 def random_prompt(n: int, rng: random.Random) -> list[int]:
@@ -105,11 +90,8 @@ def main() -> None:
     trace = [rng.randint(MIN_PROMPT, MAX_PROMPT) for _ in range(10_000)]
     dense = generate_dense_buckets(128, MAX_LEN)
     planned = plan_buckets(trace, len(dense), MAX_LEN)
-    c, a, b = fit_cost(points)
-
-    def cost(L: float) -> float:
-        return c + a * L + b * L * L
-
+    cost = PrefillCost(*fit_cost(points), source="this run's (bucket length, TTFT) pairs")
+    c, a, b = cost.c, cost.a, cost.b
     lists = {f"{k}_per_octave": generate_dense_buckets(128, MAX_LEN, k) for k in (1, 2, 3, 4)}
     bound = mean([cost(n) for n in trace]) / cost(MAX_LEN)
     result = {
@@ -124,7 +106,7 @@ def main() -> None:
         "ttft_ratio_no_padding_bound": bound,
         "prefill_cost_fit_ms": {"c": c * 1e3, "a_per_token": a * 1e3, "b_per_token2": b * 1e3},
         "prefill_cost_quadratic_share_at_max": b * MAX_LEN**2 / cost(MAX_LEN),
-        "model_ttft_ratio": {k: round(model_ratio(cost, trace, v), 4)
+        "model_ttft_ratio": {k: round(relative_cost(cost, trace, v, [MAX_LEN]), 4)
                              for k, v in lists.items()},
         "trace10k_padding_ratio_per_octave": {k: round(padding_ratio(trace, v), 4)
                                               for k, v in lists.items()},

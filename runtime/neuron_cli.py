@@ -53,9 +53,11 @@ def add_neuron_parser(sub: argparse._SubParsersAction) -> None:
 
 def plan_from_traffic(plan: Plan, source: str, api_key: str | None) -> Plan:
     """``plan`` with its bucket lists replaced by the least-padding lists of the same lengths
-    for the lengths ``source`` observed; the notes say what the plan gains on that sample."""
+    for the lengths ``source`` observed; the notes say what the plan gains on that sample
+    (padding, and prefill cost: :func:`server.buckets_cli.choose_cost` for Neuron)."""
     from bucketing import padding_ratio, plan_buckets
-    from server.buckets_cli import PlanError, load_source
+    from bucketing.cost import relative_cost
+    from server.buckets_cli import PlanError, choose_cost, load_source
 
     try:
         src = load_source(source, api_key)
@@ -77,6 +79,11 @@ def plan_from_traffic(plan: Plan, source: str, api_key: str | None) -> Plan:
         notes.append(f"{name} buckets planned from {len(fit)} observed lengths: padding "
                      f"{padding_ratio(fit, planned):.3f} (powers of two: "
                      f"{padding_ratio(fit, current):.3f})")
+        if name == "prefill":
+            cost = choose_cost(src, plan.max_model_len, device="neuron")
+            notes.append(f"planned prefill buckets cost "
+                         f"{relative_cost(cost, fit, planned, current):.3f}x of powers of two; "
+                         f"cost model: {cost.source}")
         if len(fit) < len(lengths):
             notes.append(f"{len(lengths) - len(fit)} observed {name} lengths exceed "
                          f"--max-model-len {plan.max_model_len} and were left out")

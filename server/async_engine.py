@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from bucketing import PREFILL
+from bucketing.cost import PrefillTimes
 from scheduler import FinishReason, SamplingParams, SchedulerStats
 from server.engine import Engine
 from server.engine_client import (
@@ -53,6 +55,7 @@ class StepStats:
 
     phase: str
     bucket: str
+    batch_size: int  # the batch bucket (rows the graph runs)
     seconds: float
     num_prompt_tokens: int
     num_generation_tokens: int
@@ -116,6 +119,8 @@ class EngineFront:
         # each written by one thread only: submitted - applied = adds not yet applied
         self._submitted = 0
         self._applied = 0
+        #: one-prompt prefill step times per bucket, for GET /v1/buckets (bucket planning)
+        self.prefill_times = PrefillTimes()
 
     @property
     def ready(self) -> bool:
@@ -175,6 +180,16 @@ class EngineFront:
         """How many requests would wait for a KV slot if ``n_new`` more arrived now."""
         pending = self._submitted - self._applied
         return max(0, self.num_waiting + pending + n_new - self.num_free_slots)
+
+    def _on_step(self, stats: StepStats) -> None:
+        """One engine step's stats, to the observer. A prefill of exactly one prompt with no
+        decode rows (not a mixed step; not a failed one, which generates nothing) is also kept
+        in :attr:`prefill_times`: its time is the prefill cost of that bucket."""
+        if stats.phase == PREFILL and stats.batch_size == 1 and stats.num_generation_tokens == 1:
+            self.prefill_times.observe(int(stats.bucket),
+                                       stats.num_prompt_tokens + stats.num_padding_tokens,
+                                       stats.seconds)
+        self._notify("on_step", stats)
 
     def _notify(self, event: str, *stats: object) -> None:
         if self._observer is None:
@@ -350,8 +365,9 @@ class AsyncEngine(EngineFront):
         for loop, items in deliveries.items():  # one wake-up per event loop per step
             loop.call_soon_threadsafe(_deliver, items)
         it = engine.scheduler.last_iteration  # this step's (update or fail_step wrote it)
-        self._notify("on_step", StepStats(
-            phase=out.phase, bucket=str(out.bucket.seq_len), seconds=now - start,
+        self._on_step(StepStats(
+            phase=out.phase, bucket=str(out.bucket.seq_len), batch_size=out.bucket.batch_size,
+            seconds=now - start,
             num_prompt_tokens=it.num_prompt_tokens, num_generation_tokens=it.num_generation_tokens,
             num_padding_tokens=it.num_padding_tokens, inter_token_latencies=tuple(itls)))
         self._publish_scheduler()

@@ -4,11 +4,18 @@
 ``/v1/buckets`` body, or a JSON-lines file of ``{"prompt_tokens": N, "total_tokens": M}``
 (or ``{"prompt": N, "context": M}``). For a few bucket counts around the current one it prints
 the least-padding context-encoding and token-generation lists (:func:`bucketing.plan_buckets`),
-their padding on the sample next to the current lists', and the flags that set them.
+their padding on the sample next to the current lists', the relative prefill cost of each
+context-encoding list, and the flags that set them.
 
-Padding is padded tokens / real tokens (1.0: none). Prefill cost is not modelled here: the cost
-model of ``benchmarks/bucketing.py`` is fitted to a benchmark run's timings, so this reports
-padding only. Standard library only (no torch): it runs anywhere the server's URL is reachable.
+Padding is padded tokens / real tokens (1.0: none). Prefill cost is the mean cost of the bucket
+each sampled prompt runs in under ``t = c + a*L + b*L^2`` (:mod:`bucketing.cost`), over the
+same with the current (or default) list: 0.95 is 5% cheaper. The model is fitted to the
+server's own one-prompt prefill steps when it timed at least 3 bucket lengths
+(``prefill_seconds_by_bucket`` in ``GET /v1/buckets``), else it is the device's documented
+default (:func:`bucketing.cost.default_cost`: the benchmark's fit on CPU, padded tokens where
+no fit is known); ``--cost-model tokens`` forces padded tokens. The plans still minimise padding,
+not this cost; decode cost is not modelled. Standard library only (no torch): it runs anywhere
+the server's URL is reachable.
 """
 
 from __future__ import annotations
@@ -20,18 +27,24 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from bucketing import generate_buckets, generate_dense_buckets, padding_ratio, plan_buckets
+from bucketing.cost import TOKENS, PrefillCost, PrefillTimes, default_cost, fit_cost, relative_cost
 from bucketing.sample import LengthSample, SampleError
 
 #: the serve flags and their variables (server.config.env_name; not imported: it loads torch)
 CE_FLAG, TG_FLAG = "--context-encoding-buckets", "--token-generation-buckets"
 CE_ENV, TG_ENV = "RAGSERVE_CONTEXT_ENCODING_BUCKETS", "RAGSERVE_TOKEN_GENERATION_BUCKETS"
+DEVICES = ("cpu", "cuda", "neuron")  # server.config.DEVICES
 DEFAULT_MIN_BUCKET = 128
 MAX_ALIGN = 64
+#: timed prefill bucket lengths needed to fit c + a*L + b*L^2 to a server's steps
+MIN_FIT_BUCKETS = 3
+#: --cost-model: auto (fit, else the device's default) or tokens (padded tokens)
+COST_MODELS = ("auto", "tokens")
 
 
 class PlanError(Exception):
@@ -40,12 +53,15 @@ class PlanError(Exception):
 
 @dataclass
 class Source:
-    """What ``--from`` gave: the sample and, from a server or a saved body, its lists."""
+    """What ``--from`` gave: the sample and, from a server or a saved body, its lists, its
+    device and its prefill step times."""
 
     sample: LengthSample
     context_encoding_buckets: list[int] | None = None
     token_generation_buckets: list[int] | None = None
     max_model_len: int | None = None
+    device: str | None = None
+    prefill_times: PrefillTimes | None = None
 
 
 def _int_list(obj: dict[str, Any], key: str) -> list[int] | None:
@@ -64,9 +80,16 @@ def source_from_json(obj: Any) -> Source:
     except SampleError as e:
         raise PlanError(str(e)) from None
     mml = obj.get("max_model_len")
+    device = obj.get("device")
+    try:
+        times = PrefillTimes.from_json(obj.get("prefill_seconds_by_bucket") or {})
+    except ValueError as e:
+        raise PlanError(str(e)) from None
     return Source(sample, _int_list(obj, "context_encoding_buckets"),
                   _int_list(obj, "token_generation_buckets"),
-                  mml if isinstance(mml, int) and mml >= 1 else None)
+                  mml if isinstance(mml, int) and mml >= 1 else None,
+                  device if isinstance(device, str) and device else None,
+                  times if len(times) else None)
 
 
 def fetch(url: str, api_key: str | None, timeout: float = 30.0) -> Source:
@@ -122,10 +145,76 @@ def _align(max_len: int, current: Sequence[int] | None, given: int | None) -> in
     return max(1, min(MAX_ALIGN, max_len, *((current or [])[:1] or [MAX_ALIGN])))
 
 
+def choose_cost(src: Source, max_len: int, device: str | None = None,
+                mode: str = "auto") -> PrefillCost:
+    """The prefill cost model for ``src``'s plans. ``tokens``: the padded-token proxy.
+    ``auto``: fitted to the server's own prefill steps when they cover at least
+    :data:`MIN_FIT_BUCKETS` bucket lengths, come from ``device`` (default: the server's) and
+    give a cost > 0 up to ``max_len``; else :func:`bucketing.cost.default_cost` for the device,
+    its source saying why the fit was not used."""
+    if mode not in COST_MODELS:
+        raise ValueError(f"cost model must be one of {COST_MODELS}, got {mode!r}")
+    if mode == "tokens":
+        return replace(TOKENS, source=f"{TOKENS.source}; --cost-model tokens")
+    device = device or src.device
+    times, why = src.prefill_times, ""
+    if times is not None:
+        timed = times.buckets
+        if src.device is not None and src.device != device:
+            why = f"the server's prefill times are from {src.device}, not {device}"
+        elif len(timed) < MIN_FIT_BUCKETS:
+            why = (f"the server timed one-prompt prefills in {len(timed)} bucket length(s), "
+                   f"{MIN_FIT_BUCKETS} are needed for a fit")
+        else:
+            fit = PrefillCost(*fit_cost(times.points()), source=(
+                f"fitted to this server's prefill steps ({times.steps} one-prompt prefills in "
+                f"{len(timed)} buckets, {timed[0]}..{timed[-1]} tokens)"))
+            if fit.positive_up_to(max_len):
+                return fit
+            why = (f"the fit to the server's {len(timed)} timed buckets is not > 0 up to "
+                   f"{max_len}")
+    cost = default_cost(device)
+    return replace(cost, source=f"{cost.source}; {why}") if why else cost
+
+
+def exact_shape_prefill(times: PrefillTimes | None) -> bool | None:
+    """Whether the server prefills at exact prompt lengths (a timed step computed fewer tokens
+    than its bucket: PyTorch eager), where its lists do not change its prefill cost; None
+    without timings.
+
+    >>> exact_shape_prefill(PrefillTimes.from_json({"64": {"count": 2, "mean_tokens": 40,
+    ...                                                    "mean_s": 0.1}}))
+    True
+    """
+    if times is None:
+        return None
+    return any(tokens < b for b, (tokens, _) in zip(times.buckets, times.points()))
+
+
+def describe_cost(cost: PrefillCost) -> str:
+    """The formula in words (milliseconds for a fit in seconds).
+
+    >>> describe_cost(PrefillCost(0.135, 0.00021, 4.7e-07, "x"))
+    't = 135 ms + 0.21 ms/token * L + 0.00047 ms/token^2 * L^2'
+    >>> describe_cost(PrefillCost(0.0035, -8e-05, 2.4e-06, "x"))
+    't = 3.5 ms - 0.08 ms/token * L + 0.0024 ms/token^2 * L^2'
+    """
+    if cost.is_tokens:
+        return "t = L (padded tokens)"
+
+    def term(x: float, unit: str) -> str:
+        return f"{'-' if x < 0 else '+'} {abs(x) * 1e3:.3g} {unit}"
+
+    return (f"t = {cost.c * 1e3:.3g} ms {term(cost.a, 'ms/token * L')} "
+            f"{term(cost.b, 'ms/token^2 * L^2')}")
+
+
 def plan_phase(lengths: Sequence[int], current: list[int] | None, default: list[int],
-               max_len: int, ks: Sequence[int] | None, align: int | None) -> dict[str, Any]:
+               max_len: int, ks: Sequence[int] | None, align: int | None,
+               cost: PrefillCost | None = None) -> dict[str, Any]:
     """One list's plans: for each k the least-padding list and its padding, next to the
-    baseline's (the current list, else ragserve's default for ``max_len``)."""
+    baseline's (the current list, else ragserve's default for ``max_len``); with ``cost``, each
+    plan's mean prefill cost on the sample over the baseline's (``prefill_cost_vs_baseline``)."""
     baseline = current or default
     fit = [n for n in lengths if n <= max_len]
     a = _align(max_len, current, align)
@@ -140,9 +229,12 @@ def plan_phase(lengths: Sequence[int], current: list[int] | None, default: list[
         planned = plan_buckets(fit, k, max_len, align=a)
         r = _ratio(fit, planned)
         base = out["baseline_padding_ratio"]
-        out["plans"].append({
-            "k": k, "buckets": planned, "padding_ratio": r,
-            "padding_vs_baseline": round(r / base, 4) if r and base else None})
+        entry = {"k": k, "buckets": planned, "padding_ratio": r,
+                 "padding_vs_baseline": round(r / base, 4) if r and base else None}
+        if cost is not None:
+            entry["prefill_cost_vs_baseline"] = round(relative_cost(cost, fit, planned,
+                                                                    baseline), 4)
+        out["plans"].append(entry)
     return out
 
 
@@ -152,8 +244,10 @@ def _ratio(lengths: Sequence[int], buckets: Sequence[int]) -> float | None:
 
 
 def plan(src: Source, ks: Sequence[int] | None = None, align: int | None = None,
-         max_model_len: int | None = None) -> dict[str, Any]:
-    """The whole report for ``src`` (what ``--json`` prints)."""
+         max_model_len: int | None = None, device: str | None = None,
+         cost_model: str = "auto") -> dict[str, Any]:
+    """The whole report for ``src`` (what ``--json`` prints); ``device`` and ``cost_model``
+    pick the prefill cost model (:func:`choose_cost`)."""
     prompts, contexts = src.sample.prompt_lengths, src.sample.context_lengths
     if not prompts and not contexts:
         raise PlanError("the sample is empty (no finished requests yet, or an empty file)")
@@ -162,24 +256,30 @@ def plan(src: Source, ks: Sequence[int] | None = None, align: int | None = None,
         prompts + contexts)
     ce_max = ce[-1] if ce else mml
     tg_max = tg[-1] if tg else mml
+    cost = choose_cost(src, ce_max, device, cost_model) if prompts else None
     report: dict[str, Any] = {
         "sample_size": {"prompt": len(prompts), "context": len(contexts)},
         "max_model_len": mml,
-        "cost_model": None,
-        "note": "padding only: prefill cost is not modelled (benchmarks/bucketing.py fits its "
-                "cost model to measured timings)",
+        "device": device or src.device,
+        "cost_model": None if cost is None else {
+            "formula": "c + a*L + b*L^2", "c": cost.c, "a": cost.a, "b": cost.b,
+            "unit": "token" if cost.is_tokens else "s", "source": cost.source},
+        "exact_shape_prefill": exact_shape_prefill(src.prefill_times),
+        "note": "plans minimise padded tokens, not the prefill cost; prefill_cost_vs_baseline "
+                "prices each context-encoding plan with cost_model (decode cost is not "
+                "modelled)",
     }
-    for key, lengths, current, default, max_len, flag, env in (
+    for key, lengths, current, default, max_len, flag, env, phase_cost in (
             ("context_encoding", prompts, ce,
              generate_dense_buckets(min(DEFAULT_MIN_BUCKET, ce_max), ce_max), ce_max,
-             CE_FLAG, CE_ENV),
+             CE_FLAG, CE_ENV, cost),
             ("token_generation", contexts, tg,
              generate_buckets(min(DEFAULT_MIN_BUCKET, tg_max), tg_max), tg_max, TG_FLAG,
-             TG_ENV)):
+             TG_ENV, None)):
         if not lengths:
             report[key] = None
             continue
-        phase = plan_phase(lengths, current, default, max_len, ks, align)
+        phase = plan_phase(lengths, current, default, max_len, ks, align, phase_cost)
         for p in phase["plans"]:
             text = ",".join(map(str, p["buckets"]))
             p["flag"] = f"{flag} {text}"
@@ -197,8 +297,19 @@ def format_report(report: dict[str, Any], source: str) -> str:
     s = report["sample_size"]
     lines = [f"Sample from {source}: {s['prompt']} prompt lengths, {s['context']} decode "
              f"context lengths (max_model_len {report['max_model_len']}).",
-             "Padding = padded tokens / real tokens on the sample (1.000 = none). "
-             "Prefill cost is not modelled: padding only."]
+             "Padding = padded tokens / real tokens on the sample (1.000 = none)."]
+    cost, ce = report["cost_model"], report["context_encoding"]
+    if cost is not None and ce is not None:
+        formula = describe_cost(PrefillCost(cost["c"], cost["a"], cost["b"], cost["source"]))
+        lines += [f"Prefill cost = mean cost of the bucket each prompt runs in / the same with "
+                  f"the {ce['baseline']} list (0.950x: 5% cheaper),",
+                  f"  with {formula} for a graph of L tokens;",
+                  f"  cost model: {cost['source']}.",
+                  "  The plans minimise padding, not this cost. Decode cost is not modelled."]
+        if report["exact_shape_prefill"]:
+            lines.append("  This server prefills at exact prompt lengths (PyTorch eager): its "
+                         "prefill buckets do not change its prefill cost; the cost column "
+                         "prices static graphs (--compile, Neuron).")
     titles = {"context_encoding": "Context-encoding (prefill) buckets, for prompt lengths",
               "token_generation": "Token-generation (decode) buckets, for prompt + generated "
                                   "tokens"}
@@ -215,6 +326,9 @@ def format_report(report: dict[str, Any], source: str) -> str:
         for p in phase["plans"]:
             vs = p["padding_vs_baseline"]
             rel = f" ({(vs - 1) * 100:+.1f}% vs {phase['baseline']})" if vs else ""
+            price = p.get("prefill_cost_vs_baseline")
+            if price is not None:
+                rel += f", prefill cost {price:.3f}x of {phase['baseline']}"
             lines.append(f"  k={p['k']}: padding {_fmt(p['padding_ratio'])}{rel}")
             lines.append(f"    {p['flag']}")
             lines.append(f"    {p['env']}")
@@ -242,6 +356,13 @@ def add_buckets_parser(sub: argparse._SubParsersAction) -> None:
     plan_p.add_argument("--max-model-len", type=int, default=None,
                         help="the longest sequence (default: the server's, else the largest "
                              "token-generation bucket, else the longest length seen)")
+    plan_p.add_argument("--device", choices=DEVICES, default=None,
+                        help="the device the lists are for: picks the default prefill cost "
+                             "model when the server's own prefill times cannot be fitted "
+                             "(default: the server's; unknown for a JSONL file)")
+    plan_p.add_argument("--cost-model", choices=COST_MODELS, default="auto",
+                        help="auto: fitted to the server's prefill times, else the device's "
+                             "default; tokens: cost proportional to padded tokens")
     plan_p.add_argument("--api-key", default=os.environ.get("RAGSERVE_API_KEY"),
                         help="sent as a Bearer token to a URL (default: $RAGSERVE_API_KEY)")
     plan_p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -258,7 +379,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             return 2
     try:
         report = plan(load_source(args.source, args.api_key), args.k, args.align,
-                      args.max_model_len)
+                      args.max_model_len, args.device, args.cost_model)
     except PlanError as e:
         print(f"ragserve buckets plan: error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from bucketing.cost import PrefillTimes
 from scheduler import SamplingParams, check_fits
 from server.output import RequestOutput
 
@@ -84,6 +85,9 @@ class EngineClient(Protocol):
     # while LOADING: what the load is doing ("compiling", ...) and how far, 0..1
     load_status: str | None
     load_progress: float | None
+    #: one-prompt prefill step times per prefill bucket (GET /v1/buckets); stays empty for an
+    #: engine without bucket graphs
+    prefill_times: PrefillTimes
 
     @property
     def ready(self) -> bool: ...

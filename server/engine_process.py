@@ -11,7 +11,8 @@ what ragserve needs:
   times for metrics), model load included. Detokenization and stop strings run there too, since
   they decide when a request finishes.
 - Two pipes of pickled messages: commands in (``add``, ``abort``, ``stop``), and one message per
-  loop iteration out: that step's outputs, the observer events (step, scheduler, finished
+  loop iteration out: that step's outputs, its step stats (the front feeds the observer and
+  keeps prefill times for ``GET /v1/buckets``), the other observer events (scheduler, finished
   request, kernels) and the state the front reads (load progress, ready, queue counts).
 - The front keeps each request's asyncio queue. A reader thread receives the child's
   messages, hands outputs to the event loop (one wake-up per step), and feeds the metrics; a
@@ -36,7 +37,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from scheduler import SamplingParams
-from server.async_engine import AsyncEngine, EngineFront, EngineObserver, _deliver
+from server.async_engine import AsyncEngine, EngineFront, EngineObserver, StepStats, _deliver
 from server.engine import Engine, EngineConfig
 from server.engine_client import (
     EngineDead,
@@ -124,6 +125,10 @@ class _ChildEngine(AsyncEngine):
             self._outbox.items.append(("state", state))
         if self.state != EngineState.READY:  # loading or failed: nothing else would flush
             self._flush()
+
+    def _on_step(self, stats: StepStats) -> None:
+        """Sent as they are: the front records them and tells its observer."""
+        self._outbox.items.append(("step", stats))
 
     def _flush(self) -> None:
         if self._outbox.items:
@@ -269,7 +274,7 @@ class ProcessEngine(EngineFront):
 
     def _read(self, conn: Connection) -> None:
         """The child's messages: outputs to their requests' event loops (one wake-up per loop
-        per message), events to the observer, state to this front."""
+        per message), step stats and events to the observer, state to this front."""
         try:
             while True:
                 items = conn.recv()
@@ -283,6 +288,8 @@ class ProcessEngine(EngineFront):
                             output = tracked.snapshot(item[2]) if kind == "out" else item[2]
                             deliveries.setdefault(tracked.loop, []).append((tracked.sink,
                                                                             output))
+                    elif kind == "step":
+                        self._on_step(item[1])
                     elif kind == "obs":
                         self._notify(item[1], *item[2])
                     elif kind == "state":

@@ -369,9 +369,17 @@ class PaddingRatios(BaseModel):
         description="the same for decode context lengths and token_generation_buckets")
 
 
+class PrefillTiming(BaseModel):
+    count: int = Field(description="prefill steps of one prompt (no decode rows) in this bucket")
+    mean_tokens: float = Field(description="tokens each computed, on average: the bucket length "
+                                           "in a static graph, the prompt length where prefill "
+                                           "runs exact shapes")
+    mean_s: float = Field(description="their mean step time in seconds")
+
+
 class BucketsResponse(BaseModel):
-    """The current bucket lists and a uniform sample of the lengths this server has served
-    (what `ragserve buckets plan --from URL` reads)."""
+    """The current bucket lists, a uniform sample of the lengths this server has served and the
+    time of its prefill steps per bucket (what `ragserve buckets plan --from URL` reads)."""
 
     context_encoding_buckets: list[int] | None = Field(
         description="null when the engine has no bucket graphs (vLLM's) or is loading")
@@ -383,3 +391,9 @@ class BucketsResponse(BaseModel):
     padding_ratio: PaddingRatios
     prompt_lengths: list[int]
     context_lengths: list[int]
+    device: str | None = Field(default=None, description="cpu, cuda or neuron (--device)")
+    prefill_seconds_by_bucket: dict[str, PrefillTiming] = Field(
+        default_factory=dict,
+        description="by prefill bucket length: steps that prefilled one prompt alone, with "
+                    "their mean computed tokens and seconds (for the prefill cost model; empty "
+                    "with vLLM's engine)")

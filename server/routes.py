@@ -24,6 +24,7 @@ from server.protocol import (
     ModelCard,
     ModelList,
     PaddingRatios,
+    PrefillTiming,
     ReadyResponse,
     RetrievedPassage,
     RetrieveRequest,
@@ -179,8 +180,9 @@ async def invocations(request: Request) -> Any:
 
 @router.get("/v1/buckets", response_model=BucketsResponse, tags=["ragserve"])
 async def buckets(request: Request) -> BucketsResponse:
-    """The current bucket lists, their padding on the lengths served so far, and a uniform
-    sample of those lengths (for `ragserve buckets plan --from URL`)."""
+    """The current bucket lists, their padding on the lengths served so far, a uniform sample
+    of those lengths and the mean time of one-prompt prefills per bucket (for `ragserve buckets
+    plan --from URL`)."""
     from bucketing.planner import padding_ratio
 
     serving = request.app.state.serving
@@ -201,7 +203,9 @@ async def buckets(request: Request) -> BucketsResponse:
         seen=LengthCounts(**sample["seen"]),
         padding_ratio=PaddingRatios(context_encoding=ratio(prompts, ce),
                                     token_generation=ratio(contexts, tg)),
-        prompt_lengths=prompts, context_lengths=contexts)
+        prompt_lengths=prompts, context_lengths=contexts, device=request.app.state.config.device,
+        prefill_seconds_by_bucket={b: PrefillTiming(**t) for b, t in
+                                   serving.engine.prefill_times.to_json().items()})
 
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["ops"])

@@ -65,6 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bucketing.cost import PrefillTimes
 from scheduler import FinishReason, SamplingParams, TokenLogprobs
 from server.config import ConfigError, ServerConfig
 from server.engine_client import (
@@ -331,6 +332,7 @@ class VLLMEngine:
         self.load_seconds: float | None = None
         self.load_status: str | None = None
         self.load_progress: float | None = None
+        self.prefill_times = PrefillTimes()  # empty: vLLM's steps are not bucketed prefills
         self.llm: Any = None
         self._info: ModelInfo | None = None
         self._inflight = 0

@@ -331,6 +331,10 @@ def test_cli_plan_buckets_from_traffic(tmp_path: Path, capsys: pytest.CaptureFix
     assert any("prefill buckets planned from 2000 observed lengths" in n
                for n in planned["notes"])
     assert any("1 observed prefill lengths exceed" in n for n in planned["notes"])
+    # no timings of Neuron in a lengths file: prefill cost is priced in padded tokens, said so
+    assert any(n.startswith("planned prefill buckets cost 0.") and
+               n.endswith("cost model: padded tokens (prefill cost on neuron unknown)")
+               for n in planned["notes"])
     assert main([*base, "--from", str(tmp_path / "missing.jsonl")]) == 2
     assert "--from" in capsys.readouterr().err
 
