@@ -8,7 +8,9 @@ machine, so a changed source is rebuilt and a cache shared between machines of a
 architecture is never loaded. It is built for the generic target of the architecture (no
 ``-march=native``): a cache volume moved to another CPU of the same architecture still works.
 Without a compiler (``$CC``, ``cc``, ``gcc``), :func:`load` says why and ``retrieval.plaid``
-uses colbert-ai's kernels, or its pure-torch path.
+uses colbert-ai's kernels, or its pure-torch path. An image without a compiler ships the
+library prebuilt: ``python -m retrieval.native`` builds it into the package (``_prebuilt/``),
+where :func:`load` looks first (``docker/Dockerfile.cpu`` does this, then removes gcc).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +30,9 @@ if TYPE_CHECKING:
     import torch
 
 SOURCE = Path(__file__).with_name("plaid_kernels.c")
+#: where an image build puts the library (``python -m retrieval.native``), looked up before the
+#: cache: a container without a compiler still gets the kernels
+PREBUILT = Path(__file__).with_name("_prebuilt")
 FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
 MAX_QUERY_VECTORS = 1024  # the kernels' stack buffer
 _BUILD_TIMEOUT_S = 120
@@ -170,8 +176,29 @@ def _check(t: torch.Tensor, dtype: torch.dtype, **same: torch.Tensor) -> None:
 def load(cache_dir: Path) -> PlaidKernels:
     """The kernels, built into ``cache_dir`` on first use; :class:`NativeError` says why not.
     (Loading a library already loaded is a dlopen of the same handle: cheap.)"""
-    path = build(cache_dir)
+    prebuilt = library_path(PREBUILT)
+    path = prebuilt if prebuilt.exists() else build(cache_dir)
     try:
         return PlaidKernels(path)
     except OSError as e:
         raise NativeError(f"{path} does not load: {e}") from e
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m retrieval.native [--into DIR]``: build the library into DIR (default: this
+    package's ``_prebuilt``, for images without a compiler at run time) and print its path."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m retrieval.native", description=main.__doc__)
+    p.add_argument("--into", type=Path, default=PREBUILT)
+    args = p.parse_args(argv)
+    try:
+        print(build(args.into))
+    except NativeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -395,6 +395,17 @@ def makefile_recipe(target: str) -> str:
     return text[text.index(f"\n{target}:"):].split("\n\n", 1)[0]
 
 
+def test_cpu_image_ships_the_plaid_kernels_prebuilt_without_a_compiler():
+    """The compiler that builds retrieval/plaid_kernels.c comes and goes in one RUN (one layer),
+    after ragserve is installed, and builds into the installed package."""
+    ins = instructions(DOCKERFILES["cpu"])
+    runs = [a for n, a in ins if n == "RUN"]
+    (build,) = [r for r in runs if "retrieval.native" in r]
+    assert "apt-get install" in build and "apt-get purge" in build and "cd / &&" in build
+    assert runs.index(build) > next(i for i, r in enumerate(runs) if "pip install" in r
+                                    and "[plaid]" in r)
+
+
 def test_dockerfiles_install_ragserve_like_the_makefile():
     make_no_deps, make_extras, make_torch = install_steps(makefile_recipe("$(STAMP)"))
     assert make_no_deps and "test" in make_extras and len(make_torch) == 1

@@ -199,6 +199,22 @@ def test_native_build_is_cached_and_atomic(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
 
 
+def test_prebuilt_library_is_used_before_the_cache(tmp_path, monkeypatch, capsys):
+    """What an image without a compiler does: `python -m retrieval.native` at build time, then
+    load() finds it and never compiles into the cache."""
+    from retrieval import native
+
+    monkeypatch.setattr(native, "PREBUILT", tmp_path / "prebuilt")
+    assert native.main([]) == 0
+    assert capsys.readouterr().out.strip() == str(native.library_path(tmp_path / "prebuilt"))
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)  # no compiler from now on
+    kernels = native.load(tmp_path / "cache")
+    assert kernels.path == native.library_path(tmp_path / "prebuilt")
+    assert not (tmp_path / "cache").exists()
+    assert native.main(["--into", str(tmp_path / "elsewhere")]) == 1
+    assert "no C compiler" in capsys.readouterr().err
+
+
 def test_add_after_build_uses_the_trained_codec(mixed):
     docs, mixes = mixed
     backend = build(docs[:150], pids=[1000 + i for i in range(150)])
