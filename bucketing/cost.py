@@ -23,6 +23,7 @@ import bisect
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 
@@ -110,34 +111,40 @@ def fit_cost(points: Iterable[tuple[float, float]]) -> tuple[float, float, float
     return x[0], x[1] / scale, x[2] / scale**2
 
 
-def mean_cost(cost: PrefillCost, lengths: Iterable[int], buckets: Sequence[int]) -> float:
+def mean_cost(cost: PrefillCost, lengths: Iterable[int], buckets: Sequence[int],
+              counts: Iterable[int] | None = None) -> float:
     """The mean cost of the bucket each length runs in (the smallest that holds it; ``buckets``
-    sorted). A length above the largest bucket raises, as in :func:`bucketing.padding_ratio`.
+    sorted), each length occurring ``counts[i]`` times (default: once each). A length above the
+    largest bucket raises, as in :func:`bucketing.padding_ratio`.
 
     >>> mean_cost(TOKENS, [100, 200], [128, 256])
     192.0
+    >>> mean_cost(TOKENS, [100, 200], [128, 256], counts=[3, 1])
+    160.0
     """
     total, count = 0.0, 0
-    for n in lengths:
+    for n, c in zip(lengths, repeat(1) if counts is None else counts, strict=counts is not None):
         i = bisect.bisect_left(buckets, n)
         if i == len(buckets):
             raise ValueError(f"length {n} exceeds the largest bucket ({buckets[-1]})")
-        total += cost(buckets[i])
-        count += 1
+        total += cost(buckets[i]) * c
+        count += c
     if count == 0:
         raise ValueError("no lengths given")
     return total / count
 
 
 def relative_cost(cost: PrefillCost, lengths: Sequence[int], buckets: Sequence[int],
-                  baseline: Sequence[int]) -> float:
-    """Mean prefill cost of ``lengths`` with ``buckets`` / with ``baseline`` (1.0: the same;
-    below 1: cheaper). With :data:`TOKENS` it is the ratio of the two padding ratios.
+                  baseline: Sequence[int], counts: Sequence[int] | None = None) -> float:
+    """Mean prefill cost of ``lengths`` (each ``counts[i]`` times, default once) with
+    ``buckets`` / with ``baseline`` (1.0: the same; below 1: cheaper). With :data:`TOKENS` it
+    is the ratio of the two padding ratios.
 
     >>> relative_cost(TOKENS, [100, 200], [128, 256], [128, 256])
     1.0
     """
-    return mean_cost(cost, lengths, buckets) / mean_cost(cost, lengths, baseline)
+    return (mean_cost(cost, lengths, buckets, counts)
+            / mean_cost(cost, lengths, baseline, counts))
 
 
 class PrefillTimes:

@@ -2,9 +2,10 @@
 
 Reads only ``config.json`` (no weights, no torch, no Neuron packages) and prints the HBM budget
 per NeuronCore and a ``ragserve serve`` line; exits 2 with the reason when the model cannot fit.
-With ``--from`` (a running server's URL, a saved ``/v1/buckets`` body or a lengths JSONL file, as
-``ragserve buckets plan`` takes), the bucket lists are planned from that traffic, with as many
-graphs as the power-of-two lists, instead of being powers of two: memory and buckets in one plan.
+With ``--from`` (a running server's URL, a saved ``/v1/buckets`` body, a lengths JSONL file or a
+Prometheus text exposition, as ``ragserve buckets plan`` takes), the bucket lists are planned
+from that traffic, with as many graphs as the power-of-two lists, instead of being powers of two:
+memory and buckets in one plan.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def add_neuron_parser(sub: argparse._SubParsersAction) -> None:
                            "that fits)")
     plan.add_argument("--from", dest="source", default=None, metavar="SOURCE",
                       help="plan the bucket lists from observed traffic: http://host:port (GET "
-                           "/v1/buckets), a saved /v1/buckets JSON or a lengths JSONL file")
+                           "/v1/buckets), a saved /v1/buckets JSON, a lengths JSONL file or a "
+                           "Prometheus text exposition (a /metrics URL or a saved dump)")
     plan.add_argument("--api-key", default=None,
                       help="for --from URL (default: $RAGSERVE_API_KEY)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -63,27 +65,27 @@ def plan_from_traffic(plan: Plan, source: str, api_key: str | None) -> Plan:
         src = load_source(source, api_key)
     except PlanError as e:
         raise NeuronConfigError(f"--from {source}: {e}") from None
-    sample = src.sample.to_json()
+    prompts, contexts = src.lengths()  # from a histogram: lengths at bin bounds, with counts
     notes = list(plan.notes)
     lists = {}
-    for key, name, lengths in (
-            ("context_encoding_buckets", "prefill", sample["prompt_lengths"]),
-            ("token_generation_buckets", "decode", sample["context_lengths"])):
+    for key, name, lengths in (("context_encoding_buckets", "prefill", prompts),
+                               ("token_generation_buckets", "decode", contexts)):
         current = list(getattr(plan, key))
-        fit = [n for n in lengths if n <= plan.max_model_len]
-        if not fit:
+        fit = lengths.within(plan.max_model_len)
+        if not len(fit):
             raise NeuronConfigError(f"--from {source}: no observed {name} length fits "
                                     f"--max-model-len {plan.max_model_len}")
-        planned = plan_buckets(fit, len(current), plan.max_model_len, align=64)
+        planned = plan_buckets(fit.values, len(current), plan.max_model_len, align=64,
+                               counts=fit.counts)
         lists[key] = tuple(planned)
         notes.append(f"{name} buckets planned from {len(fit)} observed lengths: padding "
-                     f"{padding_ratio(fit, planned):.3f} (powers of two: "
-                     f"{padding_ratio(fit, current):.3f})")
+                     f"{padding_ratio(fit.values, planned, fit.counts, fit.real):.3f} (powers "
+                     f"of two: {padding_ratio(fit.values, current, fit.counts, fit.real):.3f})")
         if name == "prefill":
             cost = choose_cost(src, plan.max_model_len, device="neuron")
             notes.append(f"planned prefill buckets cost "
-                         f"{relative_cost(cost, fit, planned, current):.3f}x of powers of two; "
-                         f"cost model: {cost.source}")
+                         f"{relative_cost(cost, fit.values, planned, current, fit.counts):.3f}x "
+                         f"of powers of two; cost model: {cost.source}")
         if len(fit) < len(lengths):
             notes.append(f"{len(lengths) - len(fit)} observed {name} lengths exceed "
                          f"--max-model-len {plan.max_model_len} and were left out")

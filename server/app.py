@@ -116,7 +116,11 @@ def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
     def served_name() -> str:
         return serving.model_name
 
-    metrics = Metrics(served_name)
+    def max_model_len() -> int | None:
+        info = serving.engine.info
+        return info.max_model_len if info is not None else None
+
+    metrics = Metrics(served_name, max_model_len)
     if engine is None:
         engine = build_engine(config, served_name, on_failure=on_engine_failure,
                               factory=factory)

@@ -1,11 +1,25 @@
 """``ragserve buckets plan``: bucket lists planned from the lengths a server has really served.
 
 ``--from`` takes a running server (``http(s)://host:port``: its ``GET /v1/buckets``), a saved
-``/v1/buckets`` body, or a JSON-lines file of ``{"prompt_tokens": N, "total_tokens": M}``
-(or ``{"prompt": N, "context": M}``). For a few bucket counts around the current one it prints
-the least-padding context-encoding and token-generation lists (:func:`bucketing.plan_buckets`),
-their padding on the sample next to the current lists', the relative prefill cost of each
-context-encoding list, and the flags that set them.
+``/v1/buckets`` body, a JSON-lines file of ``{"prompt_tokens": N, "total_tokens": M}``
+(or ``{"prompt": N, "context": M}``), or a Prometheus text exposition: a server's
+``http(s)://host:port/metrics`` (with the API key), a Prometheus ``/federate`` URL, or a saved
+dump of either. For a few bucket counts around the current one it prints the least-padding
+context-encoding and token-generation lists (:func:`bucketing.plan_buckets`), their padding on
+the sample next to the current lists', the relative prefill cost of each context-encoding
+list, and the flags that set them.
+
+From a Prometheus text the sample is the histograms ``ragserve_prompt_length_tokens`` and
+``ragserve_decode_context_length_tokens`` (:mod:`server.length_histograms`), summed over their
+label sets (replicas; dumps of several servers concatenated); ``--model`` picks one
+``model_name`` where there are several. Every request counts, not a sample of 10,000, with
+its bin's upper bound for its length: exact for bucket lengths that are multiples of the bin
+width (32 tokens up to 2,048, 64 up to 8,192: :func:`bucketing.histogram.length_bounds`),
+since every length in a bin then needs the same bucket; the report counts the lengths in
+bins that a planned or baseline bucket splits. The real tokens (the padding's denominator)
+are the histograms' ``_sum``. Counts are kept as counts (``plan_buckets(..., counts=)``), never
+expanded into a list. A Prometheus text names no bucket lists: the baseline is ragserve's
+default for its ``max_model_len`` (the histograms' last bound), as for a JSONL file.
 
 Padding is padded tokens / real tokens (1.0: none). Prefill cost is the mean cost of the bucket
 each sampled prompt runs in under ``t = c + a*L + b*L^2`` (:mod:`bucketing.cost`), over the
@@ -14,8 +28,8 @@ server's own one-prompt prefill steps when it timed at least 3 bucket lengths
 (``prefill_seconds_by_bucket`` in ``GET /v1/buckets``), else it is the device's documented
 default (:func:`bucketing.cost.default_cost`: the benchmark's fit on CPU, padded tokens where
 no fit is known); ``--cost-model tokens`` forces padded tokens. The plans still minimise padding,
-not this cost; decode cost is not modelled. Standard library only (no torch): it runs anywhere
-the server's URL is reachable.
+not this cost; decode cost is not modelled. Standard library and prometheus_client only (no
+torch): it runs anywhere the server's URL is reachable.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -33,7 +48,16 @@ from typing import Any
 
 from bucketing import generate_buckets, generate_dense_buckets, padding_ratio, plan_buckets
 from bucketing.cost import TOKENS, PrefillCost, PrefillTimes, default_cost, fit_cost, relative_cost
+from bucketing.histogram import Lengths
 from bucketing.sample import LengthSample, SampleError
+from server.length_histograms import (
+    CONTEXT,
+    PROMPT,
+    ExposedLengths,
+    ExpositionError,
+    is_exposition,
+    read_exposition,
+)
 
 #: the serve flags and their variables (server.config.env_name; not imported: it loads torch)
 CE_FLAG, TG_FLAG = "--context-encoding-buckets", "--token-generation-buckets"
@@ -45,6 +69,8 @@ MAX_ALIGN = 64
 MIN_FIT_BUCKETS = 3
 #: --cost-model: auto (fit, else the device's default) or tokens (padded tokens)
 COST_MODELS = ("auto", "tokens")
+#: URL paths that serve a Prometheus text exposition (a server's, Prometheus's federation)
+EXPOSITION_PATHS = ("/metrics", "/federate")
 
 
 class PlanError(Exception):
@@ -54,7 +80,8 @@ class PlanError(Exception):
 @dataclass
 class Source:
     """What ``--from`` gave: the sample and, from a server or a saved body, its lists, its
-    device and its prefill step times."""
+    device and its prefill step times; from a Prometheus text exposition, the length
+    histograms instead of a sample (``sample`` is then empty)."""
 
     sample: LengthSample
     context_encoding_buckets: list[int] | None = None
@@ -62,6 +89,15 @@ class Source:
     max_model_len: int | None = None
     device: str | None = None
     prefill_times: PrefillTimes | None = None
+    histograms: ExposedLengths | None = None
+
+    def lengths(self) -> tuple[Lengths, Lengths]:
+        """The prompt lengths and the decode context lengths to plan for."""
+        h = self.histograms
+        if h is not None:
+            return Lengths.from_bins(h.prompt), Lengths.from_bins(h.context)
+        return (Lengths(tuple(self.sample.prompt_lengths)),
+                Lengths(tuple(self.sample.context_lengths)))
 
 
 def _int_list(obj: dict[str, Any], key: str) -> list[int] | None:
@@ -92,21 +128,36 @@ def source_from_json(obj: Any) -> Source:
                   times if len(times) else None)
 
 
-def fetch(url: str, api_key: str | None, timeout: float = 30.0) -> Source:
-    """``GET {url}/v1/buckets`` (with ``Authorization: Bearer``), as a :class:`Source`."""
-    endpoint = url.rstrip("/") + "/v1/buckets"
-    req = urllib.request.Request(endpoint, headers={"Accept": "application/json"})
+def source_from_exposition(text: str, model: str | None = None) -> Source:
+    """A :class:`Source` from a Prometheus text exposition's length histograms
+    (:func:`server.length_histograms.read_exposition`); its ``max_model_len`` is their last
+    bound."""
+    try:
+        h = read_exposition(text, model)
+    except ExpositionError as e:
+        raise PlanError(str(e)) from None
+    return Source(LengthSample(), max_model_len=h.max_model_len, histograms=h)
+
+
+def _get(endpoint: str, api_key: str | None, accept: str, timeout: float) -> bytes:
+    req = urllib.request.Request(endpoint, headers={"Accept": accept})
     if api_key:
         req.add_header("Authorization", f"Bearer {api_key}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            body = r.read()
+            return r.read()
     except urllib.error.HTTPError as e:
         hint = " (pass --api-key or set RAGSERVE_API_KEY)" if e.code == 401 else ""
         raise PlanError(f"GET {endpoint} answered {e.code}{hint}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise PlanError(f"cannot reach {endpoint}: {reason}") from None
+
+
+def fetch(url: str, api_key: str | None, timeout: float = 30.0) -> Source:
+    """``GET {url}/v1/buckets`` (with ``Authorization: Bearer``), as a :class:`Source`."""
+    endpoint = url.rstrip("/") + "/v1/buckets"
+    body = _get(endpoint, api_key, "application/json", timeout)
     try:
         obj = json.loads(body)
     except json.JSONDecodeError:
@@ -114,9 +165,43 @@ def fetch(url: str, api_key: str | None, timeout: float = 30.0) -> Source:
     return source_from_json(obj)
 
 
-def load_source(where: str, api_key: str | None = None) -> Source:
-    """``--from``: a URL, a saved ``/v1/buckets`` JSON or a lengths JSONL file."""
-    if where.startswith(("http://", "https://")):
+def fetch_exposition(url: str, api_key: str | None, model: str | None = None,
+                     timeout: float = 30.0) -> Source:
+    """``GET url`` (a server's ``/metrics``: with ``Authorization: Bearer``; Prometheus's
+    ``/federate``: without, the key is ragserve's), as a :class:`Source`."""
+    path = urllib.parse.urlsplit(url).path.rstrip("/")
+    key = api_key if path.endswith("/metrics") else None
+    body = _get(url, key, "text/plain", timeout)
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        raise PlanError(f"GET {url} did not return text") from None
+    return source_from_exposition(text, model)
+
+
+def _is_exposition_url(url: str) -> bool:
+    return urllib.parse.urlsplit(url).path.rstrip("/").endswith(EXPOSITION_PATHS)
+
+
+def load_source(where: str, api_key: str | None = None, model: str | None = None) -> Source:
+    """``--from``: a server's URL (its ``/v1/buckets``), a URL ending in ``/metrics`` or
+    ``/federate``, a saved ``/v1/buckets`` JSON, a lengths JSONL file or a Prometheus text
+    exposition. ``model`` picks a ``model_name`` in a Prometheus text (PlanError for any
+    other source)."""
+    url = where.startswith(("http://", "https://"))
+    if url and _is_exposition_url(where):
+        return fetch_exposition(where, api_key, model)
+    if not url:
+        try:
+            text = Path(where).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PlanError(f"cannot read {where}: {e}") from None
+        if is_exposition(text):
+            return source_from_exposition(text, model)
+    if model is not None:
+        raise PlanError("--model picks a model_name in a Prometheus text exposition (a "
+                        "/metrics URL or dump); this source holds one model's lengths")
+    if url:
         return fetch(where, api_key)
     try:
         sample = LengthSample.read(where)  # a JSON object or JSON lines: it says what is wrong
@@ -209,38 +294,73 @@ def describe_cost(cost: PrefillCost) -> str:
             f"{term(cost.b, 'ms/token^2 * L^2')}")
 
 
-def plan_phase(lengths: Sequence[int], current: list[int] | None, default: list[int],
+def plan_phase(lengths: Lengths, current: list[int] | None, default: list[int],
                max_len: int, ks: Sequence[int] | None, align: int | None,
                cost: PrefillCost | None = None) -> dict[str, Any]:
     """One list's plans: for each k the least-padding list and its padding, next to the
     baseline's (the current list, else ragserve's default for ``max_len``); with ``cost``, each
-    plan's mean prefill cost on the sample over the baseline's (``prefill_cost_vs_baseline``)."""
+    plan's mean prefill cost on the sample over the baseline's (``prefill_cost_vs_baseline``).
+    From a histogram, ``binned_inexact`` counts the lengths whose bin a planned length or a
+    baseline bucket splits (:meth:`bucketing.histogram.Lengths.split`)."""
     baseline = current or default
-    fit = [n for n in lengths if n <= max_len]
+    fit = lengths.within(max_len)
     a = _align(max_len, current, align)
     out: dict[str, Any] = {
         "max_len": max_len, "align": a, "sample": len(lengths),
         "not_fitting": len(lengths) - len(fit),
         "baseline": "current" if current else "default", "baseline_buckets": baseline,
         "baseline_padding_ratio": _ratio(fit, baseline), "plans": []}
-    if not fit:
+    if fit.widths is not None:
+        out["binned_inexact"] = fit.split(max_len, a, baseline)
+    if not len(fit):
         return out
     for k in k_values(len(baseline), ks):
-        planned = plan_buckets(fit, k, max_len, align=a)
+        planned = plan_buckets(fit.values, k, max_len, align=a, counts=fit.counts)
         r = _ratio(fit, planned)
         base = out["baseline_padding_ratio"]
         entry = {"k": k, "buckets": planned, "padding_ratio": r,
                  "padding_vs_baseline": round(r / base, 4) if r and base else None}
         if cost is not None:
-            entry["prefill_cost_vs_baseline"] = round(relative_cost(cost, fit, planned,
-                                                                    baseline), 4)
+            entry["prefill_cost_vs_baseline"] = round(relative_cost(
+                cost, fit.values, planned, baseline, fit.counts), 4)
         out["plans"].append(entry)
     return out
 
 
-def _ratio(lengths: Sequence[int], buckets: Sequence[int]) -> float | None:
-    fit = [n for n in lengths if n <= buckets[-1]]
-    return round(padding_ratio(fit, buckets), 4) if fit else None
+def _ratio(lengths: Lengths, buckets: Sequence[int]) -> float | None:
+    fit = lengths.within(buckets[-1])
+    if not len(fit):
+        return None
+    return round(padding_ratio(fit.values, buckets, fit.counts, fit.real), 4)
+
+
+def _bins(widths: Sequence[int], bounds: Sequence[int]) -> str:
+    """Bin widths in words, e.g. ``32 tokens wide up to 2048, 64 up to 4096``.
+
+    >>> _bins([32, 32, 64, 36], [32, 64, 128, 164])
+    '32 tokens wide up to 64, 64 up to 128, 36 up to 164'
+    """
+    runs: list[list[int]] = []
+    for w, b in zip(widths, bounds):
+        if runs and runs[-1][0] == w:
+            runs[-1][1] = b
+        else:
+            runs.append([w, b])
+    return ", ".join(f"{w}{' tokens wide' if i == 0 else ''} up to {b}"
+                     for i, (w, b) in enumerate(runs))
+
+
+def histogram_summary(h: ExposedLengths) -> dict[str, Any]:
+    """What a Prometheus source held: the series, label sets summed, requests and real tokens
+    per histogram, and its bins."""
+    out: dict[str, Any] = {"series": {"prompt": PROMPT, "context": CONTEXT},
+                           "model_name": h.model, "summed": h.summed}
+    parts = {"prompt": h.prompt, "context": h.context}
+    out["requests"] = {k: b.count if b else 0 for k, b in parts.items()}
+    out["real_tokens"] = {k: b.total if b else None for k, b in parts.items()}
+    widest = max((b for b in parts.values() if b), key=lambda b: len(b.bounds))
+    out["bins"] = _bins(widest.widths(), widest.bounds)
+    return out
 
 
 def plan(src: Source, ks: Sequence[int] | None = None, align: int | None = None,
@@ -248,17 +368,18 @@ def plan(src: Source, ks: Sequence[int] | None = None, align: int | None = None,
          cost_model: str = "auto") -> dict[str, Any]:
     """The whole report for ``src`` (what ``--json`` prints); ``device`` and ``cost_model``
     pick the prefill cost model (:func:`choose_cost`)."""
-    prompts, contexts = src.sample.prompt_lengths, src.sample.context_lengths
-    if not prompts and not contexts:
+    prompts, contexts = src.lengths()
+    if not len(prompts) and not len(contexts):
         raise PlanError("the sample is empty (no finished requests yet, or an empty file)")
     ce, tg = src.context_encoding_buckets, src.token_generation_buckets
     mml = max_model_len or src.max_model_len or (tg[-1] if tg else None) or max(
-        prompts + contexts)
+        prompts.longest, contexts.longest)
     ce_max = ce[-1] if ce else mml
     tg_max = tg[-1] if tg else mml
-    cost = choose_cost(src, ce_max, device, cost_model) if prompts else None
+    cost = choose_cost(src, ce_max, device, cost_model) if len(prompts) else None
     report: dict[str, Any] = {
         "sample_size": {"prompt": len(prompts), "context": len(contexts)},
+        "histograms": histogram_summary(src.histograms) if src.histograms else None,
         "max_model_len": mml,
         "device": device or src.device,
         "cost_model": None if cost is None else {
@@ -276,7 +397,7 @@ def plan(src: Source, ks: Sequence[int] | None = None, align: int | None = None,
             ("token_generation", contexts, tg,
              generate_buckets(min(DEFAULT_MIN_BUCKET, tg_max), tg_max), tg_max, TG_FLAG,
              TG_ENV, None)):
-        if not lengths:
+        if not len(lengths):
             report[key] = None
             continue
         phase = plan_phase(lengths, current, default, max_len, ks, align, phase_cost)
@@ -298,6 +419,19 @@ def format_report(report: dict[str, Any], source: str) -> str:
     lines = [f"Sample from {source}: {s['prompt']} prompt lengths, {s['context']} decode "
              f"context lengths (max_model_len {report['max_model_len']}).",
              "Padding = padded tokens / real tokens on the sample (1.000 = none)."]
+    h = report.get("histograms")
+    if h is not None:
+        model = f" of model_name {h['model_name']}" if h["model_name"] else ""
+        real = ("the histograms' _sum" if None not in h["real_tokens"].values() else
+                "bins' upper bounds (no _sum in the text: padding is under-estimated)")
+        summed = "1 histogram" if h["summed"] == 1 else f"{h['summed']} histograms summed"
+        lines[1:1] = [
+            f"  From Prometheus histograms{model} ({summed}): "
+            f"{h['requests']['prompt']} requests in {h['series']['prompt']}, "
+            f"{h['requests']['context']} in {h['series']['context']};",
+            f"  bins {h['bins']}. A length counts at its bin's upper bound (exact when the "
+            "bucket lengths are multiples of the bin width); real tokens from "
+            f"{real}."]
     cost, ce = report["cost_model"], report["context_encoding"]
     if cost is not None and ce is not None:
         formula = describe_cost(PrefillCost(cost["c"], cost["a"], cost["b"], cost["source"]))
@@ -335,6 +469,11 @@ def format_report(report: dict[str, Any], source: str) -> str:
         if phase["not_fitting"]:
             lines.append(f"  {phase['not_fitting']} of {phase['sample']} lengths are above "
                          f"{phase['max_len']} and fit no bucket (not counted above).")
+        if phase.get("binned_inexact"):
+            lines.append(f"  {phase['binned_inexact']} of {phase['sample']} lengths lie in "
+                         f"bins that a multiple of {phase['align']} or a {phase['baseline']} "
+                         "bucket splits: they count at the bin's upper bound (less than a "
+                         "bin width over).")
     return "\n".join(lines)
 
 
@@ -346,7 +485,12 @@ def add_buckets_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     plan_p.add_argument("--from", dest="source", required=True, metavar="SOURCE",
                         help="http(s)://host:port (its GET /v1/buckets), a saved /v1/buckets "
-                             "JSON, or a JSONL file of {prompt_tokens, total_tokens} lines")
+                             "JSON, a JSONL file of {prompt_tokens, total_tokens} lines, or "
+                             "a Prometheus text exposition: http(s)://host:port/metrics, a "
+                             "/federate URL or a saved dump")
+    plan_p.add_argument("--model", default=None, metavar="NAME",
+                        help="the model_name to read from a Prometheus text that holds "
+                             "several (required then)")
     plan_p.add_argument("--k", type=int, action="append", default=None, metavar="N",
                         help="a bucket count to plan for (repeatable; default: the current "
                              "count and two either side)")
@@ -378,7 +522,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
     try:
-        report = plan(load_source(args.source, args.api_key), args.k, args.align,
+        report = plan(load_source(args.source, args.api_key, args.model), args.k, args.align,
                       args.max_model_len, args.device, args.cost_model)
     except PlanError as e:
         print(f"ragserve buckets plan: error: {e}", file=sys.stderr)

@@ -3,7 +3,9 @@
 Two registries, so no name is ever registered twice whichever engine runs:
 
 - :class:`Metrics`, the server's own series, the same with either engine: token delivery,
-  retrieval, grounding, HTTP responses (``ragserve_*``).
+  retrieval, grounding, HTTP responses, and the finished requests' prompt and decode context
+  lengths in fine bins for ``ragserve buckets plan`` (``ragserve_*``;
+  :mod:`server.length_histograms`).
 - :class:`EngineMetrics`, ragserve's engine's series, read from its stats dataclasses: vLLM's
   names where the meaning matches (so vLLM dashboards work), ``ragserve_*`` for what is ours
   (buckets, padding, step time). With ``--engine vllm`` vLLM exports its own ``vllm:*`` series
@@ -16,12 +18,15 @@ reserves ``max_model_len`` positions, so that is the fraction of KV memory in us
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from bucketing.histogram import LengthHistogram, length_bounds
 from scheduler import SchedulerStats
 from server.async_engine import FinishedRequestStats, StepStats
+from server.length_histograms import LengthCollector
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -59,11 +64,18 @@ class _Series:
 
 
 class Metrics(_Series):
-    """The server's own series, the same whichever engine runs."""
+    """The server's own series, the same whichever engine runs. ``max_model_len`` (a value or
+    a function read until it gives one: it is known once the model has loaded) sets the bins
+    of the two length histograms."""
 
-    def __init__(self, model_name: str | Callable[[], str]) -> None:
+    def __init__(self, model_name: str | Callable[[], str],
+                 max_model_len: int | Callable[[], int | None] | None = None) -> None:
         super().__init__(model_name)
         r, m = self.registry, ("model_name",)
+        self._max_model_len = max_model_len if callable(max_model_len) else (
+            lambda: max_model_len)
+        self._lengths: tuple[LengthHistogram, LengthHistogram] | None = None
+        self._lengths_lock = threading.Lock()
         self.delivery = Histogram("ragserve_token_delivery_seconds",
                                   "Time from the engine producing a token to its SSE event being "
                                   "written to the connection.", m, buckets=ITL_BUCKETS,
@@ -84,6 +96,7 @@ class Metrics(_Series):
         self.http_requests = Counter("ragserve_http_requests",
                                      "HTTP responses by route and status code.",
                                      (*m, "route", "status"), registry=r)
+        r.register(LengthCollector(self.length_histograms, self._name))
 
     def observe_delivery(self, seconds: float) -> None:
         self._child(self.delivery).observe(seconds)
@@ -105,6 +118,27 @@ class Metrics(_Series):
 
     def observe_response(self, route: str, status: int) -> None:
         self.http_requests.labels(self.model_name, route, str(status)).inc()
+
+    def length_histograms(self) -> tuple[LengthHistogram, LengthHistogram] | None:
+        """The prompt and decode context length histograms, made the first time
+        ``max_model_len`` is known (None before)."""
+        if self._lengths is None:
+            max_len = self._max_model_len()
+            if max_len is None:
+                return None
+            with self._lengths_lock:
+                if self._lengths is None:
+                    bounds = length_bounds(max_len)
+                    self._lengths = (LengthHistogram(bounds), LengthHistogram(bounds))
+        return self._lengths
+
+    def observe_lengths(self, prompt_tokens: int, context_tokens: int) -> None:
+        """One finished request's prompt length and decode context length (prompt plus
+        generated tokens): the two lengths :class:`bucketing.sample.LengthSample` samples."""
+        pair = self.length_histograms()
+        if pair is not None:  # None only before the model has loaded: no request finished
+            pair[0].observe(prompt_tokens)
+            pair[1].observe(context_tokens)
 
 
 class EngineMetrics(_Series):

@@ -256,7 +256,10 @@ class OpenAIServing:
         if o.finished:
             self.admission.observe_service(now - start, now)
             if o.finish_reason != FinishReason.ERROR and o.prompt_token_ids:
-                self.lengths.observe(len(o.prompt_token_ids), len(o.token_ids))
+                prompt, generated = len(o.prompt_token_ids), len(o.token_ids)
+                self.lengths.observe(prompt, generated)
+                if self.metrics is not None:
+                    self.metrics.observe_lengths(prompt, prompt + generated)
 
     # -- chat ----------------------------------------------------------------------------
 

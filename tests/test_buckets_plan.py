@@ -1,6 +1,7 @@
-"""Traffic-planned buckets: the length sample (bucketing.sample), the prefill cost model and
-the server's prefill times (bucketing.cost), GET /v1/buckets, and ``ragserve buckets plan``
-(server.buckets_cli)."""
+"""Traffic-planned buckets: the length sample (bucketing.sample), the length histograms on
+/metrics and read back from a Prometheus text (bucketing.histogram, server.length_histograms),
+the prefill cost model and the server's prefill times (bucketing.cost), GET /v1/buckets, and
+``ragserve buckets plan`` (server.buckets_cli)."""
 
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ from bucketing.cost import (
     mean_cost,
     relative_cost,
 )
+from bucketing.histogram import BinnedLengths, LengthHistogram, Lengths, length_bounds
 from bucketing.sample import LengthSample, SampleError
 from server import buckets_cli
 from server.cli import main
+from server.length_histograms import CONTEXT, PROMPT, read_exposition
 
 KEY = "plan-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -413,6 +416,232 @@ def test_cli_errors_for_a_missing_file_and_an_unreachable_url(
     assert f"cannot reach {url}/v1/buckets" in capsys.readouterr().err
 
 
+# -- Prometheus histograms ------------------------------------------------------------------
+
+def test_length_bounds_follow_the_documented_rule():
+    assert length_bounds(1) == [1]
+    assert length_bounds(256) == list(range(32, 257, 32))
+    assert length_bounds(300) == [*range(32, 289, 32), 300]  # the last bound is max_model_len
+    for max_len, count in ((2048, 64), (4096, 96), (8192, 160), (32768, 256), (131072, 320),
+                           (1 << 20, 416)):
+        bounds = length_bounds(max_len)
+        assert len(bounds) == count and bounds[-1] == max_len
+        widths = BinnedLengths(tuple(bounds), (0,) * count).widths()
+        for hi, w in zip(bounds, widths):
+            lo = hi - w
+            step = 32 if lo < 2048 else 64 if lo < 8192 else 256 if lo < 32768 else (
+                1 << (lo.bit_length() - 1)) // 32
+            assert w == step and lo % w == 0, (hi, w)
+    assert len(length_bounds(10_000_000)) < 550  # a few hundred even at 10M tokens
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="max_model_len"):
+            length_bounds(bad)
+
+
+def test_histogram_counts_bins_and_the_exact_sum():
+    h = LengthHistogram(length_bounds(256))
+    for n in (1, 32, 33, 256, 257, 1000):
+        h.observe(n)
+    b = h.snapshot()
+    assert b.counts == (2, 1, 0, 0, 0, 0, 0, 1) and b.above == 2 and b.total == 1579
+    assert b.count == 6 and b.cumulative()[-1] == 6
+    assert BinnedLengths.from_cumulative(zip(b.bounds, b.cumulative()), 6, 1579) == b
+    with pytest.raises(ValueError, match="not cumulative"):
+        BinnedLengths.from_cumulative([(32, 5), (64, 3)], 5)
+
+
+TWO_REPLICAS = """\
+# HELP ragserve_prompt_length_tokens Prompt tokens.
+# TYPE ragserve_prompt_length_tokens histogram
+ragserve_prompt_length_tokens_bucket{instance="a",le="32.0",model_name="m"} 2.0
+ragserve_prompt_length_tokens_bucket{instance="a",le="64.0",model_name="m"} 3.0
+ragserve_prompt_length_tokens_bucket{instance="a",le="+Inf",model_name="m"} 3.0
+ragserve_prompt_length_tokens_count{instance="a",model_name="m"} 3.0
+ragserve_prompt_length_tokens_sum{instance="a",model_name="m"} 90.0
+ragserve_prompt_length_tokens_bucket{instance="b",le="32.0",model_name="m"} 0.0
+ragserve_prompt_length_tokens_bucket{instance="b",le="64.0",model_name="m"} 4.0
+ragserve_prompt_length_tokens_bucket{instance="b",le="+Inf",model_name="m"} 5.0
+ragserve_prompt_length_tokens_count{instance="b",model_name="m"} 5.0
+ragserve_prompt_length_tokens_sum{instance="b",model_name="m"} 400.0
+# TYPE ragserve_decode_context_length_tokens_bucket untyped
+ragserve_decode_context_length_tokens_bucket{instance="a",le="64",model_name="m"} 3 1700000000000
+ragserve_decode_context_length_tokens_bucket{instance="a",le="+Inf",model_name="m"} 3 1700000000000
+ragserve_decode_context_length_tokens_sum{instance="a",model_name="m"} 150 1700000000000
+# HELP vllm:prompt_tokens_total Number of prefill tokens processed.
+# TYPE vllm:prompt_tokens_total counter
+vllm:prompt_tokens_total{model_name="m"} 12345.0
+"""
+
+
+def test_exposition_sums_label_sets():
+    """Two replicas (the second type line is how Prometheus's /federate writes a series it
+    has no type for, with timestamps): their bins are added per upper bound."""
+    h = read_exposition(TWO_REPLICAS)
+    assert h.prompt == BinnedLengths((32, 64), (2, 5), above=1, total=490.0)
+    assert h.context == BinnedLengths((64,), (3,), above=0, total=150.0)
+    assert h.summed == 2 and h.model == "m" and h.max_model_len == 64
+    # two servers' /metrics concatenated: the same label set twice is two histograms
+    one = read_exposition(TWO_REPLICAS.replace('instance="b"', 'instance="a"'))
+    assert one.prompt == h.prompt and one.summed == 2
+
+
+def test_exposition_of_several_models_needs_model(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]):
+    text = TWO_REPLICAS + TWO_REPLICAS.replace('model_name="m"', 'model_name="other"')
+    f = tmp_path / "metrics.txt"
+    f.write_text(text)
+    assert main(["buckets", "plan", "--from", str(f)]) == 2
+    assert "length histograms of 2 models ('m', 'other'): pick one with --model" in \
+        capsys.readouterr().err
+    assert main(["buckets", "plan", "--from", str(f), "--model", "x"]) == 2
+    assert "no length histograms of model_name='x'" in capsys.readouterr().err
+    assert main(["buckets", "plan", "--from", str(f), "--model", "other", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["histograms"]["model_name"] == "other"
+    assert report["sample_size"] == {"prompt": 8, "context": 3}
+    assert report["context_encoding"]["not_fitting"] == 1  # the +Inf observation
+    jsonl = write_jsonl(tmp_path / "t.jsonl", [(5, 9)])
+    assert main(["buckets", "plan", "--from", str(jsonl), "--model", "m"]) == 2
+    assert "--model picks a model_name in a Prometheus text" in capsys.readouterr().err
+
+
+def exposition(trace: list[tuple[int, int]], max_model_len: int, name: str = "m") -> str:
+    """The server's /metrics text after ``trace`` (prompt, prompt + generated) finished."""
+    from server.metrics import Metrics
+
+    m = Metrics(name, max_model_len)
+    for p, c in trace:
+        m.observe_lengths(p, c)
+    return m.render().decode()
+
+
+def test_metrics_declare_the_histograms_before_the_model_loads():
+    from server.metrics import Metrics
+
+    loaded: list[int] = []
+    m = Metrics("m", lambda: loaded[0] if loaded else None)
+    text = m.render().decode()
+    assert f"# TYPE {PROMPT} histogram" in text and f"{PROMPT}_bucket" not in text
+    m.observe_lengths(5, 9)  # cannot happen before a load; nothing to count it in
+    loaded.append(64)
+    m.observe_lengths(5, 40)
+    h = read_exposition(m.render().decode())
+    assert h.prompt == BinnedLengths((32, 64), (1, 0), 0, 5.0)
+    assert h.context == BinnedLengths((32, 64), (0, 1), 0, 40.0)
+
+
+@pytest.mark.parametrize("multiples", [True, False])
+def test_plan_from_histograms_equals_plan_from_lengths(tmp_path: Path, multiples: bool):
+    """With bucket lengths that are multiples of the bin width (32 up to 2048: align 64 and
+    ragserve's default lists), a histogram gives the plan the raw lengths give; its padding
+    divides by the histogram's _sum, so it matches too, whatever the lengths. With lengths that
+    are multiples of the bin width every length is its bin's upper bound."""
+    trace = mixed_trace(3000, seed=4)
+    if multiples:
+        trace = [(-(-p // 32) * 32, -(-c // 32) * 32) for p, c in trace]
+    raw = buckets_cli.plan(buckets_cli.load_source(str(write_jsonl(tmp_path / "t.jsonl",
+                                                                   trace))),
+                           max_model_len=2048, cost_model="tokens")
+    f = tmp_path / "metrics.txt"
+    f.write_text(exposition(trace, 2048))
+    binned = buckets_cli.plan(buckets_cli.load_source(str(f)), cost_model="tokens")
+    assert binned["max_model_len"] == 2048  # the histogram's last bound
+    assert binned["histograms"]["requests"] == {"prompt": 3000, "context": 3000}
+    assert binned["histograms"]["real_tokens"]["prompt"] == sum(p for p, _ in trace)
+    for key in ("context_encoding", "token_generation"):
+        assert binned[key].pop("binned_inexact") == 0
+        assert binned[key] == raw[key]
+    if not multiples:  # the upper bounds as real tokens would under-count the padding
+        prompts = [p for p, _ in trace]
+        bounds = [-(-p // 32) * 32 for p in prompts]
+        ce = binned["context_encoding"]
+        assert ce["baseline_padding_ratio"] == round(padding_ratio(prompts,
+                                                                  ce["baseline_buckets"]), 4)
+        assert ce["baseline_padding_ratio"] > round(padding_ratio(bounds,
+                                                                 ce["baseline_buckets"]), 4)
+
+
+def test_neuron_plan_reads_a_prometheus_text(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]):
+    """``ragserve neuron plan --from`` takes the same sources: from the histograms of the same
+    requests, the same lists and notes as from their lengths."""
+    from test_neuron_plan import LLAMA3_8B, write_model
+
+    model = write_model(tmp_path, "Llama-3-8B", LLAMA3_8B)
+    trace = mixed_trace(1000, seed=6)
+    (tmp_path / "metrics.txt").write_text(exposition(trace, 4096))
+    base = ["neuron", "plan", "--model", str(model), "--instance", "inf2.8xlarge",
+            "--max-model-len", "4096", "--max-num-seqs", "4", "--json", "--from"]
+    assert main([*base, str(write_jsonl(tmp_path / "t.jsonl", trace))]) == 0
+    from_lengths = json.loads(capsys.readouterr().out)
+    assert main([*base, str(tmp_path / "metrics.txt")]) == 0
+    assert json.loads(capsys.readouterr().out) == from_lengths
+    assert any("prefill buckets planned from 1000 observed lengths" in n
+               for n in from_lengths["notes"])
+
+
+def test_weighted_planner_matches_repeated_lengths():
+    rng = random.Random(2)
+    values = sorted(rng.sample(range(1, 2049), 80))
+    counts = [rng.randint(0, 50) for _ in values]
+    repeated = [v for v, c in zip(values, counts) for _ in range(c)]
+    for k in (1, 3, 8):
+        assert plan_buckets(values, k, 2048, counts=counts) == plan_buckets(repeated, k, 2048)
+    buckets = plan_buckets(repeated, 5, 2048)
+    assert padding_ratio(values, buckets, counts) == padding_ratio(repeated, buckets)
+    assert mean_cost(CPU_COST, values, buckets, counts) == pytest.approx(
+        mean_cost(CPU_COST, repeated, buckets))
+    assert relative_cost(TOKENS, values, buckets, [2048], counts) == pytest.approx(
+        relative_cost(TOKENS, repeated, buckets, [2048]))
+    with pytest.raises(ValueError, match="one integer >= 0 per length"):
+        plan_buckets(values, 2, 2048, counts=counts[:-1])
+
+
+def test_bins_split_by_the_alignment_are_reported(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]):
+    """Past 2,048 the bins are 64 wide, past 8,192 256 wide: with --align 32 their lengths
+    count at the bin's upper bound, and the report says how many."""
+    trace = [(100, 2100), (3000, 3100), (9000, 9100)]
+    f = tmp_path / "metrics.txt"
+    f.write_text(exposition(trace, 16384))
+    assert main(["buckets", "plan", "--from", str(f), "--align", "32", "--k", "3",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["context_encoding"]["binned_inexact"] == 2
+    assert report["token_generation"]["binned_inexact"] == 3
+    assert main(["buckets", "plan", "--from", str(f), "--align", "32", "--k", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "bins 32 tokens wide up to 2048, 64 up to 8192, 256 up to 16384" in text
+    assert "2 of 3 lengths lie in bins that a multiple of 32 or a default bucket splits" in text
+    assert "From Prometheus histograms of model_name m (1 histogram): 3 requests" in text
+
+
+def test_lengths_within_a_shorter_limit_share_the_sum():
+    binned = Lengths.from_bins(BinnedLengths((32, 64, 96), (1, 1, 2), 1, 300))
+    fit = binned.within(64)
+    assert (fit.values, fit.counts, len(binned) - len(fit)) == ((32, 64), (1, 1), 3)
+    assert 1 + 33 <= fit.real <= 32 + 64  # within what the two bins allow
+    assert binned.within(96).real == pytest.approx(300 * 288 / (288 + 97))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("# HELP x_total a counter\n# TYPE x_total counter\nx_total 3\n",
+     f"no {PROMPT} or {CONTEXT} histogram in the text"),
+    (f'{PROMPT}_bucket{{le="32.0"}} 1\n{PROMPT}_bucket{{le="64.0"}} 0\n',
+     "not cumulative"),
+    (f'{PROMPT}_bucket{{le="0.5"}} 1\n', "not a length bound"),
+    (f'# HELP x y\n{PROMPT}_bucket{{le="32.0"}} many\n', "not a Prometheus text exposition"),
+    (f'{PROMPT}_bucket{{le="32.0"}} 0\n{PROMPT}_bucket{{le="+Inf"}} 0\n',
+     "the sample is empty"),
+])
+def test_bad_expositions_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                content: str, message: str):
+    f = tmp_path / "metrics.txt"
+    f.write_text(content)
+    assert main(["buckets", "plan", "--from", str(f)]) == 2
+    assert message in capsys.readouterr().err
+
+
 # -- end to end -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -499,3 +728,43 @@ def test_server_samples_finished_requests_and_plan_reads_it(
     monkeypatch.delenv("RAGSERVE_API_KEY")
     assert main(["buckets", "plan", "--from", bucket_server]) == 2
     assert "answered 401 (pass --api-key" in capsys.readouterr().err
+
+
+def test_plan_from_the_servers_metrics_matches_its_sample(
+        bucket_server: str, capsys: pytest.CaptureFixture[str], tmp_path: Path):
+    """The /metrics histograms count the same finished requests as the /v1/buckets sample:
+    planned with bucket lengths that are multiples of the bin width (32), both give the same
+    plans and padding."""
+    for prompt, max_tokens in (("one two three", 4), ("histograms " * 20, 7)):
+        r = httpx.post(f"{bucket_server}/v1/completions", headers=AUTH, timeout=60,
+                       json={"model": "tiny", "prompt": prompt, "max_tokens": max_tokens,
+                             "ignore_eos": True})
+        assert r.status_code == 200
+    body = httpx.get(f"{bucket_server}/v1/buckets", headers=AUTH, timeout=30).json()
+    text = httpx.get(f"{bucket_server}/metrics", headers=AUTH, timeout=30).text
+    h = read_exposition(text)
+    assert h.model == "tiny" and h.max_model_len == 256 == body["max_model_len"]
+    assert (h.prompt.count, h.context.count) == (body["seen"]["prompt"],
+                                                 body["seen"]["context"])
+    assert h.prompt.total == sum(body["prompt_lengths"])
+    assert h.context.total == sum(body["context_lengths"])
+
+    args = ["--align", "32", "--device", "cpu", "--json"]
+    assert main(["buckets", "plan", "--from", f"{bucket_server}/metrics", "--api-key", KEY,
+                 *args]) == 0
+    from_metrics = json.loads(capsys.readouterr().out)
+    saved = tmp_path / "metrics.txt"
+    saved.write_text(text)
+    assert main(["buckets", "plan", "--from", str(saved), *args]) == 0
+    assert {k: v for k, v in json.loads(capsys.readouterr().out).items() if k != "source"} == {
+        k: v for k, v in from_metrics.items() if k != "source"}
+    # the sample, without the server's lists (a Prometheus text has none)
+    sample = buckets_cli.Source(LengthSample.from_json(body), max_model_len=256)
+    from_sample = buckets_cli.plan(sample, align=32, device="cpu")
+    for key in ("context_encoding", "token_generation"):
+        assert from_metrics[key].pop("binned_inexact") == 0
+        assert from_metrics[key] == from_sample[key]
+    assert from_metrics["sample_size"] == from_sample["sample_size"]
+
+    assert main(["buckets", "plan", "--from", f"{bucket_server}/metrics"]) == 2
+    assert "/metrics answered 401 (pass --api-key" in capsys.readouterr().err
