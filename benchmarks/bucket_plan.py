@@ -17,12 +17,18 @@ on it, so the plan is judged on traffic it did not see.
 Goal (issue 13): the planned context-encoding list, with the default's number of graphs, pads
 <= 1.05x on the replayed trace (the default three-per-octave list: ~1.13x).
 
+With ``--replay FILE`` the trace is a recording of real requests instead
+(``benchmarks.record_traffic``: chat, follow-up and RAG requests through a server; its
+reservoir's lengths): each stream is shuffled (``--seed``) and halved the same way.
+
     python -m benchmarks.bucket_plan [--requests 20000] [--align 64] [--quick]
+    python -m benchmarks.bucket_plan --replay benchmarks/data/traffic/more_itertools.json
 """
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 from benchmarks.common import emit, parser, round_floats
 from bucketing import BucketConfig, padding_ratio, plan_buckets
@@ -44,28 +50,58 @@ def mixed_trace(n: int, seed: int) -> list[tuple[int, int]]:
     return out
 
 
+def replay_halves(path: Path, seed: int) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """A recorded sample (a saved ``GET /v1/buckets`` body or lengths JSONL, as ``ragserve
+    buckets plan --from FILE`` reads it), each stream shuffled with ``seed`` and cut in two: the
+    observed half (planned from) and the replayed half (measured on)."""
+    sample = LengthSample.read(path)
+    rng = random.Random(seed)
+    observed: dict[str, list[int]] = {}
+    replayed: dict[str, list[int]] = {}
+    for name, lengths in (("prompt", sample.prompt_lengths),
+                          ("context", sample.context_lengths)):
+        lengths = [n for n in lengths if n <= MAX_LEN]
+        rng.shuffle(lengths)
+        observed[name], replayed[name] = lengths[:len(lengths) // 2], lengths[len(lengths) // 2:]
+    return observed, replayed
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--requests", type=int, default=20_000)
     p.add_argument("--align", type=int, default=64,
                    help="planned bucket lengths are multiples of this (64: Neuron-friendly)")
+    p.add_argument("--replay", type=Path, default=None,
+                   help="a recorded trace (benchmarks.record_traffic's output, any saved "
+                        "/v1/buckets body, or lengths JSONL) instead of the synthetic one")
     args = p.parse_args()
-    n = 2_000 if args.quick else args.requests
-    trace = mixed_trace(n, args.seed)
-    observed, replayed = trace[:n // 2], trace[n // 2:]
-    sample = LengthSample()
-    for prompt, generated in observed:
-        sample.observe(prompt, generated)
-    seen = sample.to_json()
+    if args.replay:
+        observed, replayed = replay_halves(args.replay, args.seed)
+        seen = {"prompt_lengths": observed["prompt"], "context_lengths": observed["context"]}
+        replay = {"prompt": replayed["prompt"], "context": replayed["context"]}
+        n = sum(map(len, observed.values())) + sum(map(len, replayed.values()))
+        result: dict = {"trace": str(args.replay), "observed": len(observed["prompt"]),
+                        "replayed": len(replayed["prompt"])}
+    else:
+        n = 2_000 if args.quick else args.requests
+        trace = mixed_trace(n, args.seed)
+        observed_trace, replayed_trace = trace[:n // 2], trace[n // 2:]
+        sample = LengthSample()
+        for prompt, generated in observed_trace:
+            sample.observe(prompt, generated)
+        seen = sample.to_json()
+        replay = {"prompt": [q for q, _ in replayed_trace],
+                  "context": [q + g for q, g in replayed_trace]}
+        result = {"trace": "synthetic", "requests": n, "observed": len(observed_trace),
+                  "replayed": len(replayed_trace)}
     default = BucketConfig.default(MAX_LEN, 1)
-    result: dict = {"requests": n, "observed": len(observed), "replayed": len(replayed),
-                    "align": args.align, "sample": {k: len(seen[f"{k}_lengths"])
-                                                    for k in ("prompt", "context")}}
+    result.update(align=args.align, sample={k: len(seen[f"{k}_lengths"])
+                                            for k in ("prompt", "context")})
     phases = {
         "context_encoding": (list(default.context_encoding_buckets), seen["prompt_lengths"],
-                             [p for p, _ in replayed]),
+                             replay["prompt"]),
         "token_generation": (list(default.token_generation_buckets), seen["context_lengths"],
-                             [p + g for p, g in replayed]),
+                             replay["context"]),
     }
     for phase, (current, planning, replay) in phases.items():
         planned = plan_buckets(planning, len(current), MAX_LEN, align=args.align)
