@@ -174,6 +174,22 @@ def test_native_kernels_against_colbert_and_torch(mixed_index):
         k.centroid_interaction(ids.long(), cs, ix.codes, ix.offsets, ix.doclens, None)
 
 
+@pytest.mark.parametrize("nbits", [1, 4, 8])
+def test_native_decompression_at_every_nbits(nbits):
+    """The byte table holds 8 // nbits values per byte: the same vectors as colbert-ai's
+    pure-torch decompression whatever the packing."""
+    dim = 64  # 8-bit residuals need a multiple of 64
+    g = torch.Generator().manual_seed(nbits)
+    docs = [unit(torch.randn(int(torch.randint(5, 15, (1,), generator=g)), dim, generator=g))
+            for _ in range(60)]
+    backend = PlaidBackend(dim, nbits=nbits)
+    backend.add(list(range(len(docs))), docs)
+    assert backend._kernels.name == "native"
+    ids = torch.arange(len(docs), dtype=torch.int32)
+    got = backend._kernels.decompress(ids, backend._ix)
+    assert torch.allclose(got, _decompress_torch(ids, backend._ix), atol=1e-5)
+
+
 def test_without_a_compiler_colbert_kernels_take_over(monkeypatch, tmp_path, caplog):
     from retrieval import native
     from retrieval.plaid import load_kernels
