@@ -4,15 +4,21 @@
 ``/v1/buckets`` body, a JSON-lines file of ``{"prompt_tokens": N, "total_tokens": M}``
 (or ``{"prompt": N, "context": M}``), or a Prometheus text exposition: a server's
 ``http(s)://host:port/metrics`` (with the API key), a Prometheus ``/federate`` URL, or a saved
-dump of either. For a few bucket counts around the current one it prints the least-padding
-context-encoding and token-generation lists (:func:`bucketing.plan_buckets`), their padding on
-the sample next to the current lists', the relative prefill cost of each context-encoding
-list, and the flags that set them.
+dump of either; or a Prometheus server, ``prometheus+http(s)://host:port`` (its HTTP API:
+the histograms' ``increase()`` over ``--window``, default 7d, across replicas and restarts:
+:mod:`server.prometheus_query`). For a few bucket counts around the current one it prints
+the least-padding context-encoding and token-generation lists
+(:func:`bucketing.plan_buckets`), their padding on the sample next to the current lists', the
+relative prefill cost of each context-encoding list, and the flags that set them.
 
 From a Prometheus text the sample is the histograms ``ragserve_prompt_length_tokens`` and
 ``ragserve_decode_context_length_tokens`` (:mod:`server.length_histograms`), summed over their
 label sets (replicas; dumps of several servers concatenated); ``--model`` picks one
-``model_name`` where there are several. Every request counts, not a sample of 10,000, with
+``model_name`` where there are several. From a Prometheus server they are summed over the
+replicas by the queries; their increase is extrapolated, so the cumulative counts are made
+non-decreasing and rounded to whole requests (the report says how many were), and the token
+for Prometheus is ``--prometheus-token`` (``$RAGSERVE_PROMETHEUS_TOKEN``): ``--api-key`` is
+ragserve's and is never sent to it. Every request counts, not a sample of 10,000, with
 its bin's upper bound for its length: exact for bucket lengths that are multiples of the bin
 width (32 tokens up to 2,048, 64 up to 8,192: :func:`bucketing.histogram.length_bounds`),
 since every length in a bin then needs the same bucket; the report counts the lengths in
@@ -58,6 +64,13 @@ from server.length_histograms import (
     is_exposition,
     read_exposition,
 )
+from server.prometheus_query import (
+    DEFAULT_WINDOW,
+    PrometheusError,
+    Window,
+    is_prometheus,
+    read_window,
+)
 
 #: the serve flags and their variables (server.config.env_name; not imported: it loads torch)
 CE_FLAG, TG_FLAG = "--context-encoding-buckets", "--token-generation-buckets"
@@ -90,6 +103,7 @@ class Source:
     device: str | None = None
     prefill_times: PrefillTimes | None = None
     histograms: ExposedLengths | None = None
+    window: Window | None = None
 
     def lengths(self) -> tuple[Lengths, Lengths]:
         """The prompt lengths and the decode context lengths to plan for."""
@@ -179,15 +193,34 @@ def fetch_exposition(url: str, api_key: str | None, model: str | None = None,
     return source_from_exposition(text, model)
 
 
+def fetch_window(url: str, window: str | None, model: str | None = None,
+                 token: str | None = None, timeout: float = 30.0) -> Source:
+    """The histograms' increase over ``window`` from a Prometheus server's HTTP API
+    (:func:`server.prometheus_query.read_window`), as a :class:`Source`."""
+    try:
+        h, w = read_window(url, window or DEFAULT_WINDOW, model, token, timeout)
+    except PrometheusError as e:
+        raise PlanError(str(e)) from None
+    return Source(LengthSample(), max_model_len=h.max_model_len, histograms=h, window=w)
+
+
 def _is_exposition_url(url: str) -> bool:
     return urllib.parse.urlsplit(url).path.rstrip("/").endswith(EXPOSITION_PATHS)
 
 
-def load_source(where: str, api_key: str | None = None, model: str | None = None) -> Source:
+def load_source(where: str, api_key: str | None = None, model: str | None = None,
+                window: str | None = None, prometheus_token: str | None = None) -> Source:
     """``--from``: a server's URL (its ``/v1/buckets``), a URL ending in ``/metrics`` or
-    ``/federate``, a saved ``/v1/buckets`` JSON, a lengths JSONL file or a Prometheus text
-    exposition. ``model`` picks a ``model_name`` in a Prometheus text (PlanError for any
-    other source)."""
+    ``/federate``, a saved ``/v1/buckets`` JSON, a lengths JSONL file, a Prometheus text
+    exposition or a Prometheus server (``prometheus+http(s)://``: the increase over
+    ``window``, default 7d, with ``prometheus_token``). ``model`` picks a ``model_name`` in a
+    Prometheus text or server, ``window`` the range of a Prometheus server (PlanError for
+    any other source)."""
+    if is_prometheus(where):
+        return fetch_window(where, window, model, prometheus_token)
+    if window is not None:
+        raise PlanError("--window is the range of a Prometheus server's query (--from "
+                        "prometheus+http://host:9090); this source holds no time series")
     url = where.startswith(("http://", "https://"))
     if url and _is_exposition_url(where):
         return fetch_exposition(where, api_key, model)
@@ -380,6 +413,10 @@ def plan(src: Source, ks: Sequence[int] | None = None, align: int | None = None,
     report: dict[str, Any] = {
         "sample_size": {"prompt": len(prompts), "context": len(contexts)},
         "histograms": histogram_summary(src.histograms) if src.histograms else None,
+        "prometheus": None if src.window is None else {
+            "url": src.window.url, "window": src.window.window,
+            "queries": list(src.window.queries), "cumulative_counts": src.window.values,
+            "rounded": src.window.rounded, "raised": src.window.raised},
         "max_model_len": mml,
         "device": device or src.device,
         "cost_model": None if cost is None else {
@@ -415,7 +452,9 @@ def _fmt(r: float | None) -> str:
 
 def format_report(report: dict[str, Any], source: str) -> str:
     """The report as text."""
-    s = report["sample_size"]
+    s, prom = report["sample_size"], report.get("prometheus")
+    if prom is not None:
+        source = f"Prometheus {prom['url']} (increase over the last {prom['window']})"
     lines = [f"Sample from {source}: {s['prompt']} prompt lengths, {s['context']} decode "
              f"context lengths (max_model_len {report['max_model_len']}).",
              "Padding = padded tokens / real tokens on the sample (1.000 = none)."]
@@ -432,6 +471,11 @@ def format_report(report: dict[str, Any], source: str) -> str:
             f"  bins {h['bins']}. A length counts at its bin's upper bound (exact when the "
             "bucket lengths are multiples of the bin width); real tokens from "
             f"{real}."]
+        if prom is not None:
+            lines.insert(3, f"  increase() extrapolates: {prom['rounded']} of "
+                            f"{prom['cumulative_counts']} cumulative bucket counts were not "
+                            "whole and were rounded to the nearest request, after "
+                            f"{prom['raised']} were raised to keep them non-decreasing.")
     cost, ce = report["cost_model"], report["context_encoding"]
     if cost is not None and ce is not None:
         formula = describe_cost(PrefillCost(cost["c"], cost["a"], cost["b"], cost["source"]))
@@ -487,10 +531,11 @@ def add_buckets_parser(sub: argparse._SubParsersAction) -> None:
                         help="http(s)://host:port (its GET /v1/buckets), a saved /v1/buckets "
                              "JSON, a JSONL file of {prompt_tokens, total_tokens} lines, or "
                              "a Prometheus text exposition: http(s)://host:port/metrics, a "
-                             "/federate URL or a saved dump")
+                             "/federate URL or a saved dump; or a Prometheus server: "
+                             "prometheus+http(s)://host:port (its HTTP API, over --window)")
     plan_p.add_argument("--model", default=None, metavar="NAME",
-                        help="the model_name to read from a Prometheus text that holds "
-                             "several (required then)")
+                        help="the model_name to read from a Prometheus text or server that "
+                             "holds several (required then)")
     plan_p.add_argument("--k", type=int, action="append", default=None, metavar="N",
                         help="a bucket count to plan for (repeatable; default: the current "
                              "count and two either side)")
@@ -509,6 +554,15 @@ def add_buckets_parser(sub: argparse._SubParsersAction) -> None:
                              "default; tokens: cost proportional to padded tokens")
     plan_p.add_argument("--api-key", default=os.environ.get("RAGSERVE_API_KEY"),
                         help="sent as a Bearer token to a URL (default: $RAGSERVE_API_KEY)")
+    plan_p.add_argument("--window", default=None, metavar="RANGE",
+                        help="for a prometheus+http(s):// source: the range of the "
+                             "histograms' increase(), e.g. 7d, 12h (default: "
+                             f"{DEFAULT_WINDOW})")
+    plan_p.add_argument("--prometheus-token",
+                        default=os.environ.get("RAGSERVE_PROMETHEUS_TOKEN"),
+                        help="Bearer token for a prometheus+http(s):// source (default: "
+                             "$RAGSERVE_PROMETHEUS_TOKEN; --api-key is ragserve's and is not "
+                             "sent to Prometheus)")
     plan_p.add_argument("--json", action="store_true", help="print one JSON object")
     plan_p.set_defaults(func=cmd_plan)
 
@@ -522,8 +576,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
     try:
-        report = plan(load_source(args.source, args.api_key, args.model), args.k, args.align,
-                      args.max_model_len, args.device, args.cost_model)
+        src = load_source(args.source, args.api_key, args.model, args.window,
+                          args.prometheus_token)
+        report = plan(src, args.k, args.align, args.max_model_len, args.device,
+                      args.cost_model)
     except PlanError as e:
         print(f"ragserve buckets plan: error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
@@ -165,14 +165,41 @@ def read_exposition(text: str, model: str | None = None) -> ExposedLengths:
     if not any(found.values()):
         raise ExpositionError(f"no {PROMPT} or {CONTEXT} histogram in the text (a ragserve "
                               "server exports them on /metrics once its model has loaded)")
+    return _merge(found, model)
+
+
+def from_series(series: Iterable[tuple[str, dict[str, str], dict[str, float]]],
+                model: str | None = None) -> ExposedLengths:
+    """The length histograms from already-parsed series (a Prometheus query's results), as
+    :func:`read_exposition` builds them from a text: ``(name, labels but le, samples)``, the
+    samples keyed by ``le`` (cumulative counts) and ``"sum"``, ``"count"``. One series per
+    histogram and label set; ``model`` as for :func:`read_exposition`.
+
+    >>> from_series([(PROMPT, {}, {"32": 2, "64": 3, "+Inf": 3, "sum": 70.0})]).prompt
+    BinnedLengths(bounds=(32, 64), counts=(2, 1), above=0, total=70.0)
+    """
+    found: dict[str, dict[frozenset, list[_Series]]] = {PROMPT: {}, CONTEXT: {}}
+    for name, labels, samples in series:
+        if name not in found:
+            raise ExpositionError(f"{name} is not a length histogram ({PROMPT}, {CONTEXT})")
+        fields = {k if k in ("sum", "count") else _le(k): v for k, v in samples.items()}
+        found[name].setdefault(frozenset(labels.items()), []).append(_Series(fields))
+    if not any(found.values()):
+        raise ExpositionError(f"no {PROMPT} or {CONTEXT} series")
+    return _merge(found, model)
+
+
+def _merge(found: dict[str, dict[frozenset, list[_Series]]],
+           model: str | None) -> ExposedLengths:
+    """Each histogram's series of one ``model_name`` summed (see :func:`read_exposition`)."""
     models = sorted({dict(key).get(MODEL_LABEL, "") for sets in found.values() for key in sets})
     if model is not None:
         if model not in models:
-            raise ExpositionError(f"no length histograms of model_name={model!r} (the text "
-                                  f"has {', '.join(map(repr, models))})")
+            raise ExpositionError(f"no length histograms of model_name={model!r} (the "
+                                  f"source has {', '.join(map(repr, models))})")
         models = [model]
     elif len(models) > 1:
-        raise ExpositionError(f"the text has length histograms of {len(models)} models "
+        raise ExpositionError(f"the source has length histograms of {len(models)} models "
                               f"({', '.join(map(repr, models))}): pick one with --model")
     merged: dict[str, BinnedLengths | None] = {}
     summed = 0

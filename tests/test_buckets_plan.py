@@ -768,3 +768,169 @@ def test_plan_from_the_servers_metrics_matches_its_sample(
 
     assert main(["buckets", "plan", "--from", f"{bucket_server}/metrics"]) == 2
     assert "/metrics answered 401 (pass --api-key" in capsys.readouterr().err
+
+
+# -- the Prometheus HTTP API ----------------------------------------------------------------
+
+class FakePrometheus:
+    """``GET /api/v1/query`` on 127.0.0.1, answered from ``answers`` (query -> JSON body,
+    status 200; ``(status, body)`` for another status), else an empty vector; ``queries``
+    records what was asked."""
+
+    def __init__(self, answers: dict[str, object]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qs, urlsplit
+
+        fake = self
+        self.answers, self.queries, self.auth = answers, [], []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                parts = urlsplit(self.path)
+                q = parse_qs(parts.query).get("query", [""])[0]
+                fake.queries.append(q)
+                fake.auth.append(self.headers.get("Authorization"))
+                answer = fake.answers.get(q, {"status": "success", "data": {
+                    "resultType": "vector", "result": []}})
+                status, body = answer if isinstance(answer, tuple) else (200, answer)
+                if parts.path != "/api/v1/query":
+                    status, body = 404, {"status": "error", "error": "not found"}
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"prometheus+http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakePrometheus:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+def vector(*series: tuple[dict[str, str], float]) -> dict:
+    return {"status": "success", "data": {"resultType": "vector", "result": [
+        {"metric": m, "value": [1700000000.0, repr(float(v))]} for m, v in series]}}
+
+
+def answers_for(text: str, window: str, model: str | None, jitter: bool = False) -> dict:
+    """What Prometheus answers to the queries for ``window`` when the histograms of ``text``
+    (one model, "m") are its increase. With ``jitter`` the counts are extrapolated: +0.3 on
+    each, and an empty bin's cumulative count 0.2 below the one before it."""
+    from server.prometheus_query import queries
+
+    h = read_exposition(text)
+    labels = {} if model is not None else {"model_name": "m"}
+    out: dict[str, object] = {}
+    for name, b in ((PROMPT, h.prompt), (CONTEXT, h.context)):
+        q = queries(window, model)[name]
+        cum = [float(n) for n in b.cumulative()]
+        if jitter:
+            cum = [n + 0.3 for n in cum]
+            cum = [n - 0.5 if i and b.cumulative()[i] == b.cumulative()[i - 1] else n
+                   for i, n in enumerate(cum)]
+        les = [f"{bound}.0" for bound in b.bounds] + ["+Inf"]
+        out[q["bucket"]] = vector(*(({**labels, "le": le}, n) for le, n in zip(les, cum)))
+        out[q["sum"]] = vector((labels, b.total))
+        out[q["count"]] = vector((labels, cum[-1]))
+    return out
+
+
+@pytest.mark.parametrize("model, jitter", [("m", False), (None, True)])
+def test_plan_from_prometheus_equals_plan_from_the_text(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], model: str | None, jitter: bool):
+    """The increase over a window, from the HTTP API, plans as the text of the same counts
+    does; extrapolated (non-integer, briefly decreasing) counts are rounded and reported."""
+    trace = mixed_trace(2000, seed=8)
+    text = exposition(trace, 2048)
+    f = tmp_path / "metrics.txt"
+    f.write_text(text)
+    assert main(["buckets", "plan", "--from", str(f), "--json"]) == 0
+    from_text = json.loads(capsys.readouterr().out)
+    with FakePrometheus(answers_for(text, "3d", model, jitter)) as prom:
+        args = ["buckets", "plan", "--from", prom.url, "--window", "3d",
+                "--prometheus-token", "prom-token", "--api-key", KEY]
+        args += ["--model", model] if model else []
+        assert main([*args, "--json"]) == 0
+        from_prom = json.loads(capsys.readouterr().out)
+        assert main(args) == 0
+        report_text = capsys.readouterr().out
+    assert len(prom.queries) == 12 and all("[3d]" in q for q in prom.queries)
+    assert all(('model_name="m"' in q) == (model is not None) for q in prom.queries)
+    assert all(("by (le, model_name)" in q) for q in prom.queries[::3]) == (model is None)
+    assert set(prom.auth) == {"Bearer prom-token"}  # never ragserve's key
+    info = from_prom.pop("prometheus")
+    assert info["url"] == prom.url.removeprefix("prometheus+") and info["window"] == "3d"
+    assert info["queries"] == prom.queries[:6]
+    assert (info["rounded"] > 0, info["raised"] > 0) == (jitter, jitter)
+    assert from_text.pop("prometheus") is None
+    for report in (from_text, from_prom):
+        report.pop("source")
+    assert from_prom == from_text
+    assert f"Sample from Prometheus {info['url']} (increase over the last 3d): 2000" in \
+        report_text
+    assert (f"increase() extrapolates: {info['rounded']} of {info['cumulative_counts']} "
+            "cumulative bucket counts were not whole") in report_text
+
+
+def test_neuron_plan_reads_prometheus(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from test_neuron_plan import LLAMA3_8B, write_model
+
+    model = write_model(tmp_path, "Llama-3-8B", LLAMA3_8B)
+    trace = mixed_trace(1000, seed=6)
+    (tmp_path / "metrics.txt").write_text(text := exposition(trace, 4096))
+    base = ["neuron", "plan", "--model", str(model), "--instance", "inf2.8xlarge",
+            "--max-model-len", "4096", "--max-num-seqs", "4", "--json", "--from"]
+    assert main([*base, str(tmp_path / "metrics.txt")]) == 0
+    from_text = json.loads(capsys.readouterr().out)
+    from server.prometheus_query import DEFAULT_WINDOW
+
+    with FakePrometheus(answers_for(text, DEFAULT_WINDOW, None)) as prom:
+        assert main([*base, prom.url]) == 0
+    assert json.loads(capsys.readouterr().out) == from_text
+
+
+def test_prometheus_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from serverutil import free_port
+
+    from server.prometheus_query import queries
+
+    text = exposition(mixed_trace(50, seed=3), 256)
+    good = answers_for(text, "7d", "m")
+    bucket = queries("7d", "m")[PROMPT]["bucket"]
+    err = {"status": "error", "errorType": "bad_data",
+           "error": "invalid parameter \"query\": 1:2: parse error"}
+    for answers, message in (
+            ({**good, bucket: (400, err)}, f"Prometheus answered bad_data to {bucket}: "
+                                           "invalid parameter"),
+            ({**good, bucket: err}, "invalid parameter \"query\""),
+            ({k: v for k, v in good.items() if k != bucket},
+             f"no series for {bucket} (no such histogram in the window"),
+            ({**good, bucket: (401, "Unauthorized")}, "answered 401 to sum by (le) "),
+    ):
+        with FakePrometheus(answers) as prom:
+            assert main(["buckets", "plan", "--from", prom.url, "--model", "m"]) == 2
+        assert message in capsys.readouterr().err
+    with FakePrometheus(good) as prom:
+        for window in ("7 d", "1w2d", "0h", "d", "7D"):
+            assert main(["buckets", "plan", "--from", prom.url, "--window", window]) == 2
+            assert f"--window {window!r} is not a duration like 7d" in capsys.readouterr().err
+        assert prom.queries == []
+    port = free_port()
+    assert main(["buckets", "plan", "--from", f"prometheus+http://127.0.0.1:{port}"]) == 2
+    assert f"cannot reach Prometheus at http://127.0.0.1:{port}" in capsys.readouterr().err
+    f = tmp_path / "metrics.txt"
+    f.write_text(text)
+    assert main(["buckets", "plan", "--from", str(f), "--window", "7d"]) == 2
+    assert "--window is the range of a Prometheus server's query" in capsys.readouterr().err
