@@ -336,7 +336,7 @@ class Client:
         self.http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout,
                                       limits=httpx.Limits(max_connections=concurrency))
 
-    async def _post(self, path: str, body: dict) -> dict:
+    async def post(self, path: str, body: dict) -> dict:
         for _ in range(RETRIES):  # the server sheds load with 429/503 + Retry-After: honour it
             r = await self.http.post(path, json=body)
             if r.status_code not in (429, 503):
@@ -358,10 +358,10 @@ class Client:
         body: dict[str, Any] = {"query": query, "k": k}
         if mode is not None:
             body["mode"] = mode
-        return (await self._post("/v1/retrieve", body))["data"]
+        return (await self.post("/v1/retrieve", body))["data"]
 
     async def chat(self, model: str, question: str, k: int, max_tokens: int) -> dict:
-        return await self._post("/v1/chat/completions", {
+        return await self.post("/v1/chat/completions", {
             "model": model, "messages": [{"role": "user", "content": question}],
             "max_tokens": max_tokens, "temperature": 0, "rag": {"top_k": k}})
 

@@ -33,36 +33,23 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from benchmarks.common import emit, parser
-from benchmarks.rag_eval import RETRIES, load_dataset, serve
+from benchmarks.rag_eval import Client, load_dataset, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASET = ROOT / "benchmarks" / "data" / "more_itertools" / "questions.jsonl"
 FOLLOWUP = "Can you show a short example?"
 
 
-async def _post(http: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
-    for _ in range(RETRIES):  # honour the server's load shedding (429/503 + Retry-After)
-        r = await http.post("/v1/chat/completions", json=body)
-        if r.status_code not in (429, 503):
-            break
-        await asyncio.sleep(min(float(r.headers.get("retry-after") or 1), 30.0))
-    if r.status_code != 200:
-        raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-    return r.json()
-
-
 async def record(url: str, questions: list[str], max_tokens: int, concurrency: int,
                  api_key: str | None) -> tuple[dict[str, Any], Counter]:
     """Send the four requests per question; returns the server's ``/v1/buckets`` body and the
     number of requests of each kind."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     sent: Counter = Counter()
     gate = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=600) as http:
-        model = (await http.get("/v1/models")).json()["data"][0]["id"]
+    client = Client(url, api_key, timeout=600, concurrency=concurrency)
+    try:
+        model = await client.model()
 
         async def one(kind: str, messages: list[dict], rag: int | None) -> str:
             body: dict[str, Any] = {"model": model, "messages": messages, "temperature": 0,
@@ -70,7 +57,7 @@ async def record(url: str, questions: list[str], max_tokens: int, concurrency: i
             if rag:
                 body["rag"] = {"top_k": rag}
             async with gate:
-                out = await _post(http, body)
+                out = await client.post("/v1/chat/completions", body)
             sent[kind] += 1
             return out["choices"][0]["message"]["content"]
 
@@ -89,9 +76,11 @@ async def record(url: str, questions: list[str], max_tokens: int, concurrency: i
         answers = await asyncio.gather(*(first_turn(q) for q in questions))
         print(f"# {len(questions)} first turns", file=sys.stderr, flush=True)
         await asyncio.gather(*(later(q, a) for q, a in answers))
-        r = await http.get("/v1/buckets")
+        r = await client.http.get("/v1/buckets")
         r.raise_for_status()
         return r.json(), sent
+    finally:
+        await client.close()
 
 
 def main() -> None:
