@@ -112,23 +112,26 @@ def parse_kernels(spec: str) -> dict[str, str]:
     return pinned
 
 
-def available(device: torch.device) -> dict[str, tuple[str, ...]]:
-    """The candidates this device can run."""
+def available(device: torch.device, dtype: torch.dtype = torch.float32
+              ) -> dict[str, tuple[str, ...]]:
+    """The candidates this device can run on weights of ``dtype``."""
     from runtime.model import onednn_packing_available
 
-    linear = LINEAR if device.type == "cpu" and onednn_packing_available() else ("plain",)
+    packs = device.type == "cpu" and onednn_packing_available(dtype)
+    linear = LINEAR if packs else ("plain",)
     step = STEP if device.type in ("cpu", "cuda") else ("eager",)
     return {"prefill_linear": linear, "decode_linear": linear,
             "decode_attention": ATTENTION, "decode_step": step}
 
 
-def check_pinned(pinned: dict[str, str], device: torch.device) -> None:
+def check_pinned(pinned: dict[str, str], device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> None:
     """Refuse a pinned choice this device cannot run (rather than silently ignoring it)."""
-    can = available(device)
+    can = available(device, dtype)
     for key, value in pinned.items():
         if value not in can[key]:
             raise ValueError(f"--kernels {key}={value} is not available on device "
-                             f"{device.type} (available: {', '.join(can[key])})")
+                             f"{device.type} in {dtype} (available: {', '.join(can[key])})")
 
 
 # -- timing --------------------------------------------------------------------------------

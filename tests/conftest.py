@@ -15,7 +15,7 @@ from helpers import (
     llama3_tokenizer_model,
     make_tiny_llama_dir,
 )
-from serverutil import ENGINES
+from serverutil import ENGINES, TEST_DTYPE, TEST_DTYPES
 
 # imported by vLLM's engine (make test-vllm) and by schemathesis's CLI, never by pytest
 collect_ignore = ["vllm_script.py", "schemathesis_hooks.py"]
@@ -91,6 +91,13 @@ def index_dir(docs_dir: Path, tiny_colbert_dir: Path,
 
 
 # -- engines: the server tests run against each engine in RAGSERVE_TEST_ENGINES ---------------
+# (and in RAGSERVE_TEST_DTYPE: serverutil.engine_flags)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if TEST_DTYPE and TEST_DTYPE not in TEST_DTYPES:
+        raise pytest.UsageError(f"RAGSERVE_TEST_DTYPE must be one of {', '.join(TEST_DTYPES)} "
+                                f"(or unset), got {TEST_DTYPE!r}")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

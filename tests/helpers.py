@@ -66,6 +66,57 @@ def make_tiny_llama_dir(out: Path, tokenizer_dir: Path, *, seed: int = 0,
     return out
 
 
+#: How far a bf16 engine may stray from Hugging Face's bf16 forward, in logprob. Both run the
+#: same ops in the same precision (float32 inside RMSNorm and softmax), yet agree token for token
+#: only where they run the same kernels, and that differs per CPU (oneDNN with AMX or
+#: AVX512-BF16, oneDNN's AVX512 emulation, ATen's own GEMM where oneDNN has no bf16) and per
+#: kernel choice (fused q/k/v, packed weights, prompts batched together). Logits leave a bf16
+#: head rounded to 1/128 of their size (0.125 for SmolLM2's top logits of 16 to 32), so a
+#: near-tie can go either way. Set well above what this project's CPUs gave (a Xeon with AMX, and
+#: with oneDNN capped at AVX512 and at AVX2: up to 0.125, 0.26 and 0.06):
+BF16_TIE = 0.25  # a greedy token this close to HF's best on the same prefix is a near-tie
+BF16_LOGPROB = 0.5  # any one logprob against HF's
+BF16_MEAN = 0.1  # the mean over every answer token
+
+
+def bf16_kernels(*more: str) -> list:
+    """Kernel choices for bf16 comparisons: plain, packed and ``more``, those that pack skipped
+    where oneDNN has no bf16 (it needs AVX512 or AVX-NE-CONVERT)."""
+    import torch
+
+    from runtime.model import onednn_packing_available
+
+    no_packing = not onednn_packing_available(torch.bfloat16)
+    skip = pytest.mark.skipif(no_packing, reason="oneDNN has no bf16 on this CPU")
+    specs = ["linear=plain,attention=matmul,step=eager",
+             "linear=packed,attention=grouped,step=eager", *more]
+    return [pytest.param(k, marks=skip) if "packed" in k else k for k in specs]
+
+
+def check_against_hf_bf16(hf_model: Any, prompts: list[list[int]], outs: list[Any]) -> None:
+    """Greedy answers ``outs`` (with logprobs) to ``prompts`` against ``hf_model``'s logprobs on
+    the same tokens: each answer token is HF's choice or a near-tie with it (BF16_TIE), and its
+    logprob, and the first token's top ones, are HF's within BF16_LOGPROB, BF16_MEAN on average.
+    """
+    import torch
+
+    diffs = []
+    for ids, out in zip(prompts, outs):
+        tokens = list(out.token_ids)
+        steps = torch.arange(len(tokens))
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1:]
+        ref = logits.float().log_softmax(-1)  # [step, vocab]
+        behind = ref.max(-1).values - ref[steps, tokens]
+        assert behind.max().item() <= BF16_TIE, (out.text, behind.tolist())
+        ours = torch.tensor([lp.logprob for lp in out.logprobs])
+        diff = [*(ours - ref[steps, tokens]).abs().tolist(),
+                *(abs(lp - ref[0, t].item()) for t, lp in out.logprobs[0].top)]
+        assert max(diff) <= BF16_LOGPROB, (out.text, diff)
+        diffs += diff
+    assert sum(diffs) / len(diffs) <= BF16_MEAN
+
+
 LLAMA31_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,

@@ -21,13 +21,27 @@ TESTS = Path(__file__).resolve().parent
 #: sets RAGSERVE_TEST_ENGINES=vllm in the venv that has vLLM.
 ENGINES = tuple(e for e in os.environ.get("RAGSERVE_TEST_ENGINES", "ragserve").split(",") if e)
 
+#: RAGSERVE_TEST_DTYPE=bfloat16 (or float32) runs the test engines that assert no model's words
+#: in that dtype: the servers given :func:`engine_flags` and the engines built with
+#: :func:`engine_dtype`. Unset, each keeps its own pin. Tests that assert words pin float32
+#: without these (bf16 words differ per CPU: helpers.BF16_TIE).
+TEST_DTYPES = ("float32", "bfloat16")
+TEST_DTYPE = os.environ.get("RAGSERVE_TEST_DTYPE", "")
+
+
+def engine_dtype(pinned: str = "float32") -> str:
+    """The dtype of an in-process test engine: RAGSERVE_TEST_DTYPE when set, else ``pinned``."""
+    return TEST_DTYPE or pinned
+
 
 def engine_flags(engine: str) -> list[str]:
-    """``ragserve serve`` flags that select ``engine`` for a test server. Both run eager (no
+    """``ragserve serve`` flags that select ``engine`` for a test server, last on its command
+    line (they override its own ``--dtype`` under RAGSERVE_TEST_DTYPE). Both run eager (no
     torch.compile: they start in seconds on a small CPU)."""
+    dtype = ["--dtype", TEST_DTYPE] if TEST_DTYPE else []
     if engine == "vllm":
-        return ["--engine", "vllm", "--vllm-arg", "enforce_eager=true"]
-    return ["--kernels", "step=eager"]  # no background compile in a short-lived test server
+        return ["--engine", "vllm", "--vllm-arg", "enforce_eager=true", *dtype]
+    return ["--kernels", "step=eager", *dtype]  # no background compile in a short-lived server
 
 
 def free_port() -> int:

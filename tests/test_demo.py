@@ -20,7 +20,9 @@ def demo_url(tmp_path_factory: pytest.TempPathFactory):
 
     tmp = tmp_path_factory.mktemp("demo")
     assert main(["index", "build", str(ROOT / "docs"), "--out", str(tmp / "index")]) == 0
-    proc, url = start_subprocess(["--index", str(tmp / "index")], tmp / "server.log")
+    # the answer's words decide its citations: float32, the same on every CPU
+    proc, url = start_subprocess(["--index", str(tmp / "index"), "--dtype", "float32"],
+                                 tmp / "server.log")
     try:
         wait_ready(url, proc=proc)
         yield url

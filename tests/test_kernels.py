@@ -158,3 +158,17 @@ def test_exact_shapes_leave_the_bucket_padding_out():
     exact = BucketedBatch.pack(decode, scratch_slot=8, exact=True)
     assert exact.input_ids.shape == (3, 1) and exact.rows == [0, 2]  # up to the highest slot
     assert exact.cache_ids[:, 0].tolist() == [40, 0, 70]
+
+
+def test_no_packed_linear_where_onednn_has_no_bf16(monkeypatch: pytest.MonkeyPatch):
+    """A CPU without oneDNN bf16 (AVX2 only) cannot pack bf16 weights: auto never times
+    ``packed`` there, and pinning it is refused by name (not a crash at load)."""
+    if K.available(torch.device("cpu"))["decode_linear"] != K.LINEAR:
+        pytest.skip("this torch build has no oneDNN packing at all")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert K.available(cpu, torch.bfloat16)["decode_linear"] == ("plain",)
+    assert K.available(cpu, torch.float32)["decode_linear"] == K.LINEAR
+    with pytest.raises(ValueError, match=r"linear=packed is not available on device cpu in "
+                                         r"torch\.bfloat16"):
+        K.check_pinned({"decode_linear": "packed"}, cpu, torch.bfloat16)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LLAMA3_EOS, llama3_tokenizer_model
+from helpers import LLAMA3_EOS, bf16_kernels, check_against_hf_bf16, llama3_tokenizer_model
 
 from scheduler import FinishReason, SamplingParams
 from server.engine import Engine, EngineConfig
@@ -47,6 +47,31 @@ def engine(tiny_llama_dir: Path, request) -> Engine:
         context_encoding_buckets=CE_BUCKETS, token_generation_buckets=TG_BUCKETS,
         kernels=request.param,
     ))
+
+
+@pytest.fixture(scope="module")
+def hf_bf16(tiny_llama_dir: Path):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("kernels", bf16_kernels(
+    "prefill_linear=plain,decode_linear=packed,attention=grouped,step=compiled"))
+def test_bf16_follows_hf_bf16(tiny_llama_dir: Path, hf_bf16, kernels: str):
+    """Within bf16's rounding of HF's bf16 (helpers.BF16_TIE), not token for token: the random
+    model's logits, wide against float32's rounding, tie exactly in bf16 at some steps."""
+    engine = Engine.from_config(EngineConfig(
+        model=str(tiny_llama_dir), dtype="bfloat16", max_model_len=256, max_num_seqs=4,
+        context_encoding_buckets=CE_BUCKETS, token_generation_buckets=TG_BUCKETS,
+        kernels=kernels))
+    text_ids = engine.tokenizer.encode(TEXT, add_special_tokens=False)
+    chat = [{"role": "user", "content": "Tell me about buckets."}]
+    prompts = [engine.encode_prompt(chat, chat=True), [128000, *text_ids[:60]],
+               [128000, *text_ids[7:12]]]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=40, temperature=0,
+                                                   ignore_eos=True, logprobs=5))
+    check_against_hf_bf16(hf_bf16, prompts, outs)
 
 
 def hf_greedy(hf_model, prompt_ids: list[int], n: int) -> list[int]:

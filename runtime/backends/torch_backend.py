@@ -50,7 +50,7 @@ class TorchBackend:
         self.scratch_slot = buckets.max_num_seqs  # one slot past the real ones
         self.cache_dir = cache_dir
         self.pinned = K.parse_kernels(kernels)
-        K.check_pinned(self.pinned, self.device)
+        K.check_pinned(self.pinned, self.device, model.tok_embeddings.weight.dtype)
         model.setup_caches(buckets.max_num_seqs + 1, buckets.max_model_len, kv_cache_dtype)
         self.timings: dict[str, dict[str, float]] = {}
         self._decode_compiled: Callable[..., torch.Tensor] | None = None
@@ -91,7 +91,7 @@ class TorchBackend:
         :attr:`step_pending` set; :meth:`start_background_compile` settles it)."""
         from runtime.loader import default_cache_dir
 
-        can = K.available(self.device)
+        can = K.available(self.device, self.model.tok_embeddings.weight.dtype)
         b = self.buckets
         self._cache_key = K.cache_key(self.model, device=self.device, kv_dtype=self._kv_dtype(),
                                       max_num_seqs=b.max_num_seqs, max_model_len=b.max_model_len)
