@@ -27,8 +27,8 @@ import random
 import time
 
 from benchmarks.common import emit, mean, median, parser, percentile, round_floats
+from engine.core import Engine, EngineConfig
 from scheduler import SamplingParams, Scheduler, SchedulerOutput
-from server.engine import Engine, EngineConfig
 
 MIN_OUT, MAX_OUT = 16, 512
 

@@ -32,8 +32,8 @@ import time
 from benchmarks.common import emit, mean, median, parser, round_floats
 from bucketing import generate_buckets, generate_dense_buckets, padding_ratio, plan_buckets
 from bucketing.cost import PrefillCost, fit_cost, relative_cost
+from engine.core import Engine, EngineConfig
 from scheduler import SamplingParams
-from server.engine import Engine, EngineConfig
 
 MAX_LEN = 2048
 MIN_PROMPT, MAX_PROMPT = 50, 2000

@@ -25,8 +25,8 @@ import time
 import torch
 
 from benchmarks.common import emit, median, parser, round_floats
+from engine.core import Engine, EngineConfig
 from scheduler import SamplingParams
-from server.engine import Engine, EngineConfig
 
 PROMPT = ("Explain, step by step and in detail, how a token-level continuous batching "
           "scheduler keeps an accelerator busy while requests of different lengths arrive.")

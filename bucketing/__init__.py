@@ -1,8 +1,13 @@
 """Static-shape buckets: lists, selection and planning. Standard library only."""
 
 from bucketing.buckets import (
+    CONTEXT_ENCODING_ENV,
+    CONTEXT_ENCODING_FLAG,
     DECODE,
+    DEFAULT_MIN_BUCKET,
     PREFILL,
+    TOKEN_GENERATION_ENV,
+    TOKEN_GENERATION_FLAG,
     Bucket,
     BucketConfig,
     BucketError,
@@ -13,8 +18,13 @@ from bucketing.buckets import (
 from bucketing.planner import padding_ratio, plan_buckets
 
 __all__ = [
+    "CONTEXT_ENCODING_ENV",
+    "CONTEXT_ENCODING_FLAG",
     "DECODE",
+    "DEFAULT_MIN_BUCKET",
     "PREFILL",
+    "TOKEN_GENERATION_ENV",
+    "TOKEN_GENERATION_FLAG",
     "Bucket",
     "BucketConfig",
     "BucketError",

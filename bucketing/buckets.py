@@ -23,6 +23,17 @@ PREFILL = "prefill"
 DECODE = "decode"
 PHASES = (PREFILL, DECODE)
 
+#: the smallest bucket of the default lists (:meth:`BucketConfig.default`)
+DEFAULT_MIN_BUCKET = 128
+
+#: the flags that set the two lists (``ragserve serve``, ``generate``, ``run-batch``) and their
+#: ``RAGSERVE_*`` variables (``server.config.env_name`` of the flags). Here, below both, so that
+#: the server declares them and ``ragserve buckets plan`` prints them without importing it.
+CONTEXT_ENCODING_FLAG = "--context-encoding-buckets"
+TOKEN_GENERATION_FLAG = "--token-generation-buckets"
+CONTEXT_ENCODING_ENV = "RAGSERVE_CONTEXT_ENCODING_BUCKETS"
+TOKEN_GENERATION_ENV = "RAGSERVE_TOKEN_GENERATION_BUCKETS"
+
 
 class BucketError(ValueError):
     """A length or batch size past the largest bucket; the message names the limit."""
@@ -221,7 +232,7 @@ class BucketConfig:
         max_model_len: int,
         max_num_seqs: int,
         *,
-        min_bucket: int = 128,
+        min_bucket: int = DEFAULT_MIN_BUCKET,
         context_encoding_buckets: Sequence[int] | None = None,
         token_generation_buckets: Sequence[int] | None = None,
         max_prefill_batch: int = 4,

@@ -26,6 +26,11 @@ from dataclasses import dataclass
 from itertools import repeat
 from typing import Any
 
+#: the devices ragserve runs on (``--device``); :func:`default_cost` knows a fit for cpu. Here,
+#: the lowest layer, so that ``ragserve buckets plan`` (planning/) takes the server's device
+#: names without importing the server or the runtime
+DEVICES = ("cpu", "cuda", "neuron")
+
 
 @dataclass(frozen=True)
 class PrefillCost:

@@ -1,8 +1,10 @@
 """Size a Llama model for NeuronCores: validate a configuration, recommend one, print the budget.
 
 Pure integer arithmetic on a Hugging Face ``config.json``: no torch, no Neuron packages, no
-weights. ``validate`` runs before any compile (the neuron backend calls it); ``recommend`` and
-``format_plan`` back ``ragserve neuron plan``.
+weights; it imports the standard library and bucketing only. ``validate`` runs before any
+compile (the neuron backend calls it); ``recommend`` and ``format_plan`` back
+``ragserve neuron plan`` (:mod:`planning.neuron`: planning/'s only import from runtime/, which
+is why this module must stay free of torch).
 
 The numbers are estimates. Weights and KV cache are counted exactly as transformers-neuronx
 lays them out (Q-head and vocabulary padding, KV-head replication); compiled graphs,
@@ -30,7 +32,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
 
-from bucketing import generate_buckets
+from bucketing import (
+    CONTEXT_ENCODING_FLAG,
+    DEFAULT_MIN_BUCKET,
+    TOKEN_GENERATION_FLAG,
+    generate_buckets,
+)
 
 GiB = 1 << 30
 
@@ -40,7 +47,7 @@ OVERHEAD_FRACTION = 0.10
 
 MAX_BATCH = 64  # the largest batch recommend() proposes
 DEFAULT_MAX_MODEL_LEN_CAP = 8192  # recommend() without --max-model-len: min(model max, this)
-MIN_BUCKET = 128  # smallest recommended context-encoding / token-generation bucket
+MIN_BUCKET = DEFAULT_MIN_BUCKET  # smallest recommended bucket: where ragserve's defaults start
 
 DTYPE_BYTES: Mapping[str, int] = MappingProxyType({
     "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "f16": 2,
@@ -401,8 +408,8 @@ with --tensor-parallel-size 16)
             f"--max-model-len {max_model_len} exceeds max_position_embeddings "
             f"{shape.max_position_embeddings} of {shape.name}: use "
             f"--max-model-len {shape.max_position_embeddings} or less")
-    for flag, buckets in (("--context-encoding-buckets", context_encoding_buckets),
-                          ("--token-generation-buckets", token_generation_buckets)):
+    for flag, buckets in ((CONTEXT_ENCODING_FLAG, context_encoding_buckets),
+                          (TOKEN_GENERATION_FLAG, token_generation_buckets)):
         if buckets and max(buckets) > max_model_len:
             raise NeuronConfigError(
                 f"{flag}: the largest bucket {max(buckets)} exceeds --max-model-len "
@@ -437,8 +444,8 @@ class Plan:
                 "--tensor-parallel-size", str(self.tp_degree),
                 "--max-num-seqs", str(self.batch_size),
                 "--max-model-len", str(self.max_model_len),
-                "--context-encoding-buckets", ",".join(map(str, self.context_encoding_buckets)),
-                "--token-generation-buckets", ",".join(map(str, self.token_generation_buckets))]
+                CONTEXT_ENCODING_FLAG, ",".join(map(str, self.context_encoding_buckets)),
+                TOKEN_GENERATION_FLAG, ",".join(map(str, self.token_generation_buckets))]
 
     def to_dict(self) -> dict[str, object]:
         out = asdict(self)

@@ -2,7 +2,7 @@
 
 import sys
 
-from server.cli import serve
+from server.cli import main
 
 if __name__ == "__main__":
-    sys.exit(serve())
+    sys.exit(main(["serve", *sys.argv[1:]]))

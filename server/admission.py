@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
-from server.errors import APIError
+from server.errors import APIError, QueueTimeout, retry_after
 
 T = TypeVar("T")
 
@@ -43,17 +43,6 @@ MIN_RATE_SPAN_SECONDS = 5.0
 RESERVATION_SECONDS = 5.0
 #: at most this long between SSE comments while a stream waits for its first output
 KEEPALIVE_SECONDS = 10.0
-
-
-class QueueTimeout(Exception):
-    """An admitted request had no output within ``--max-queue-wait`` of its arrival."""
-
-    def __init__(self, waited: float, bound: float) -> None:
-        super().__init__(f"the request waited {waited:.1f} s for a sequence slot without "
-                         f"starting (--max-queue-wait {bound:g} s); the server is overloaded, "
-                         "retry later")
-        self.waited = waited
-        self.bound = bound
 
 
 class KeepAlive:
@@ -148,11 +137,6 @@ class Admission:
         service = self.service_seconds
         return 0.0 if service is None else ahead * service / self.slots
 
-    def retry_after(self, excess: int) -> str:
-        """``Retry-After`` for a refusal: seconds until ``excess`` requests have left the
-        queue, at least 1."""
-        return str(max(1, math.ceil(self.expected_wait(excess))))
-
     def check(self, waiting_after: int, now: float | None = None) -> None:
         """Raise a 429 unless a request that leaves ``waiting_after`` requests waiting (itself
         included; 0 if it gets a slot at once) may queue."""
@@ -163,7 +147,7 @@ class Admission:
                 429, f"the queue is full: {waiting_after - 1} requests waiting "
                      f"(--max-queue-len {self.max_queue_len}); retry later",
                 code="queue_full",
-                headers={"Retry-After": self.retry_after(waiting_after - self.max_queue_len)})
+                headers=retry_after(self.expected_wait(waiting_after - self.max_queue_len)))
         wait = self.expected_wait(waiting_after, time.monotonic() if now is None else now)
         if wait > self.max_queue_wait:
             per_s = waiting_after / wait
@@ -174,11 +158,12 @@ class Admission:
                      f"their slots) exceeds --max-queue-wait {self.max_queue_wait:g} s; "
                      "retry later",
                 code="queue_wait_exceeded",
-                headers={"Retry-After": self.retry_after(waiting_after - allowed)})
+                headers=retry_after(self.expected_wait(waiting_after - allowed)))
 
 
 async def first_within(source: AsyncIterator[T], arrival: float, bound: float,
-                       keepalive: float | None, settled: Callable[[], None] | None = None
+                       keepalive: float | None, settled: Callable[[], None] | None = None,
+                       drain: Callable[[], float] | None = None
                        ) -> AsyncIterator[T | KeepAlive]:
     """``source``'s items; until the first, a :data:`KEEPALIVE` every ``keepalive`` seconds
     (None: none) and :class:`QueueTimeout` once ``bound`` seconds have passed since
@@ -186,7 +171,8 @@ async def first_within(source: AsyncIterator[T], arrival: float, bound: float,
     the first item it only passes items on. ``settled`` is called as the source starts (the
     engines count a request from its stream's first step, one turn of the event loop later:
     for that turn it is counted by neither, rather than by both, which would refuse requests
-    that fit).
+    that fit). ``drain()``: the seconds until the queue frees a slot, which the timeout carries
+    for its ``Retry-After``.
     """
     it = source.__aiter__()
     deadline = arrival + bound
@@ -198,7 +184,8 @@ async def first_within(source: AsyncIterator[T], arrival: float, bound: float,
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise QueueTimeout(time.monotonic() - arrival, bound)
+                raise QueueTimeout(time.monotonic() - arrival, bound,
+                                   drain() if drain is not None else 0.0)
             timeout = left if keepalive is None else min(left, keepalive)
             done, _ = await asyncio.wait({nxt}, timeout=timeout)
             if done:

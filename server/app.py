@@ -1,28 +1,31 @@
-"""The FastAPI app: long-lived objects on app.state, middlewares, error mapping."""
+"""The FastAPI app: long-lived objects on app.state, middlewares, the error handlers."""
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from engine.client import EngineClient, FailureCallback
+from engine.core import Engine
+from server.admission import Admission
 from server.config import ServerConfig
-from server.engine import Engine
-from server.engine_client import EngineClient, FailureCallback
 from server.engines import build_engine
-from server.errors import APIError, error_response
+from server.errors import HANDLED, api_error, error_response
 from server.metrics import Metrics
 from server.openapi import OPEN_PATHS, openapi_document
 from server.rag import RAGService
-from server.routes import router, validation_message
-from server.serving import ClientDisconnected, OpenAIServing
+from server.routes import router
+from server.serving_chat import OpenAIServingChat
+from server.serving_completion import OpenAIServingCompletion
+from server.serving_models import OpenAIServingModels
+from server.serving_retrieval import ServingRetrieval
+from server.serving_tokenization import OpenAIServingTokenization
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +117,10 @@ def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
     built); ``factory`` builds ragserve's Engine (default: from the config)."""
 
     def served_name() -> str:
-        return serving.model_name
+        return models.model_name
 
     def max_model_len() -> int | None:
-        info = serving.engine.info
+        info = models.engine.info
         return info.max_model_len if info is not None else None
 
     metrics = Metrics(served_name, max_model_len)
@@ -125,7 +128,9 @@ def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
         engine = build_engine(config, served_name, on_failure=on_engine_failure,
                               factory=factory)
     rag = RAGService(config, metrics, on_failure=on_engine_failure)
-    serving = OpenAIServing(engine, config, metrics, rag)
+    models = OpenAIServingModels(engine, config, rag)
+    # one queue for every endpoint that generates
+    admission = Admission(config.max_num_seqs, config.max_queue_len, config.max_queue_wait)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -142,46 +147,19 @@ def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
     app.state.metrics = metrics
     app.state.engine = engine
     app.state.rag = rag
-    app.state.serving = serving
+    app.state.serving_models = models
+    app.state.serving_chat = OpenAIServingChat(models, admission, metrics, rag)
+    app.state.serving_completion = OpenAIServingCompletion(models, admission, metrics)
+    app.state.serving_tokenization = OpenAIServingTokenization(models)
+    app.state.serving_retrieval = ServingRetrieval(models, rag)
     app.include_router(router)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
-        return exc.response()
+    async def error(request: Request, exc: Exception) -> JSONResponse:
+        return api_error(exc, request).response()
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        if errors and errors[0].get("type") == "json_invalid":
-            reason = (errors[0].get("ctx") or {}).get("error")
-            return error_response(400, "the body is not valid JSON" +
-                                  (f": {reason}" if reason else ""))
-        message, param = validation_message(errors)
-        return error_response(400, message, param)
-
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException):
-        """Starlette's and FastAPI's own errors (unknown path, wrong method, a body FastAPI
-        could not read) in OpenAI's shape instead of ``{"detail": ...}``."""
-        if exc.status_code == 404:
-            message = f"no route {request.url.path} (see /openapi.json)"
-        elif exc.status_code == 405:
-            allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
-            message = f"method {request.method} is not allowed on {request.url.path}" + (
-                f" (allowed: {allowed})" if allowed else "")
-        else:
-            message = str(exc.detail)
-        return error_response(exc.status_code, message, headers=exc.headers)
-
-    @app.exception_handler(ClientDisconnected)
-    async def _gone(request: Request, exc: ClientDisconnected):
-        return error_response(499, "client disconnected")
-
-    @app.exception_handler(json.JSONDecodeError)
-    async def _bad_json(request: Request, exc: json.JSONDecodeError):
-        return error_response(400, "the body is not valid JSON")
-
+    for kind in HANDLED:
+        app.add_exception_handler(kind, error)
     app.add_middleware(BodyLimitMiddleware, limit=config.max_request_bytes)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)

@@ -29,16 +29,23 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from server.config import (
+    ConfigError,
+    ServerConfig,
+    add_env_defaults,
+    add_serve_args,
+    config_from_namespace,
+)
+
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from server.config import ServerConfig
-    from server.engine import Engine
+    from engine.core import Engine
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +285,7 @@ async def call_app(app: Any, path: str, body: bytes) -> tuple[int, bytes]:
 async def _wait_ready(app: FastAPI, failed: threading.Event) -> None:
     """Until the engine is ready (and the index loaded, with --index); BatchError if either
     fails."""
-    from server.engine_client import EngineState
+    from engine.client import EngineState
 
     engine, rag = app.state.engine, app.state.rag
     t0 = time.monotonic()
@@ -462,7 +469,18 @@ async def run_batch(config: ServerConfig, input_path: Path, output_path: Path,
 # -- command line ----------------------------------------------------------------------------
 
 
-def _add_batch_args(p: argparse.ArgumentParser) -> None:
+def add_batch_parser(sub: argparse._SubParsersAction,
+                     environ: Mapping[str, str] | None = None) -> None:
+    """``ragserve run-batch``: the batch flags and every ``serve`` flag (``RAGSERVE_*``
+    variables included, from ``environ``)."""
+    p = sub.add_parser(
+        "run-batch", help="run an OpenAI Batch API file (JSONL) offline",
+        usage=f"{PROG} -i INPUT_FILE -o OUTPUT_FILE [--max-concurrency N] [serve flags]",
+        description="Run an OpenAI Batch API input file through the model, offline "
+        "(docs/run-batch.md). Takes the `ragserve serve` flags (also as RAGSERVE_* "
+        "variables); --host, --port and --api-key mean nothing here, and requests wait for a "
+        "sequence slot as long as they need (--max-queue-len and --max-queue-wait do not "
+        "apply).")
     p.add_argument("-i", "--input-file", type=Path, required=True,
                    help="the batch input: one OpenAI batch request per line (JSONL)")
     p.add_argument("-o", "--output-file", type=Path, required=True,
@@ -470,47 +488,16 @@ def _add_batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrency", type=int, default=None,
                    help="lines in flight at once (default: 2 x --max-num-seqs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The full parser (batch flags and every ``serve`` flag), for ``-h``."""
-    from server.config import add_serve_args
-
-    p = argparse.ArgumentParser(
-        prog=PROG, description="Run an OpenAI Batch API input file through the model, "
-        "offline (docs/run-batch.md). Takes the `ragserve serve` flags (also as RAGSERVE_* "
-        "variables); --host, --port and --api-key mean nothing here, and requests wait for a "
-        "sequence slot as long as they need (--max-queue-len and --max-queue-wait do not "
-        "apply).")
-    _add_batch_args(p)
     add_serve_args(p)
-    return p
+    add_env_defaults(p, environ)
+    p.set_defaults(func=cmd_run_batch)
 
 
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, ServerConfig]:
-    """The batch flags and the ServerConfig of the rest (parsed as ``serve`` parses them);
-    raises :class:`server.config.ConfigError`."""
-    from server.config import config_from_args
-
-    if "-h" in argv or "--help" in argv:
-        build_parser().print_help()
-        raise SystemExit(0)
-    own = argparse.ArgumentParser(
-        prog=PROG, add_help=False, allow_abbrev=False,
-        usage=f"{PROG} -i INPUT_FILE -o OUTPUT_FILE [--max-concurrency N] [serve flags]")
-    _add_batch_args(own)
-    args, rest = own.parse_known_args(list(argv))
-    return args, config_from_args(rest)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
+def cmd_run_batch(args: argparse.Namespace) -> int:
     """``ragserve run-batch``: 0 when the job ran (per-line errors included), 1 when the model,
     the index or the engine failed, 2 for bad flags or files."""
-    from server.config import ConfigError
-
-    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args, config = parse_args(argv)
+        config = config_from_namespace(args)
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

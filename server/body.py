@@ -5,7 +5,7 @@ FastAPI's ``{"detail": ...}``.
 The routes use :class:`JSONRoute`: FastAPI's route, with its request's ``json()`` replaced by
 :func:`parse_json` and a content-type check in front. A body that fails parsing raises
 :class:`BodyError`, a :class:`json.JSONDecodeError`, which FastAPI turns into a
-``RequestValidationError`` of type ``json_invalid`` (mapped to a 400 in :mod:`server.app`).
+``RequestValidationError`` of type ``json_invalid`` (a 400: :func:`server.errors.api_error`).
 """
 
 from __future__ import annotations

@@ -1,70 +1,43 @@
-"""``ragserve`` command line."""
+"""``ragserve`` command line: one argparse subcommand per job.
+
+``serve`` and ``run-batch`` take every ``ragserve serve`` flag, also as ``RAGSERVE_*``
+variables; ``generate`` takes the model and device flags. All three get them from
+:mod:`server.config`, where each flag is declared once. ``index`` is :mod:`retrieval.cli`'s,
+``neuron plan`` :mod:`planning.neuron`'s and ``buckets plan`` :mod:`planning.buckets`'s.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
 
-from server.config import bucket_list
+from server.batch import add_batch_parser, cmd_run_batch
+from server.config import (
+    ConfigError,
+    ServerConfig,
+    add_engine_args,
+    add_env_defaults,
+    add_serve_args,
+    config_from_namespace,
+)
 
-if TYPE_CHECKING:
-    from server.engine import EngineConfig
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="Hugging Face directory, .gguf file or Hub repo id "
-                        "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="auto",
-                   help="auto, float32, bfloat16 or float16 (auto: float32 on CPU, bf16 on CUDA)")
-    p.add_argument("--kv-cache-dtype", default="auto",
-                   help="auto (the model dtype) or a dtype")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "neuron"])
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=16)
-    p.add_argument("--context-encoding-buckets", type=bucket_list, default=None,
-                   help="prefill lengths, e.g. 128,256,512 (default: three per octave)")
-    p.add_argument("--token-generation-buckets", type=bucket_list, default=None,
-                   help="decode context lengths (default: powers of two up to max-model-len)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile one static graph per bucket (as on Neuron)")
-    p.add_argument("--kernels", default="auto",
-                   help="auto, or KEY=VALUE items: linear=packed|plain, "
-                        "attention=matmul|sdpa|grouped, step=eager|compiled")
-    p.add_argument("--chat-template", default=None, help="a Jinja chat template file")
-    p.add_argument("--cache-dir", type=Path, default=None)
-
-
-def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig:
-    from server.engine import EngineConfig
-
-    template = Path(args.chat_template).read_text() if args.chat_template else None
-    fields = dict(
-        model=args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
-        device=args.device,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        context_encoding_buckets=args.context_encoding_buckets,
-        token_generation_buckets=args.token_generation_buckets,
-        compile=args.compile, kernels=args.kernels, chat_template=template,
-        cache_dir=args.cache_dir,
-    )
-    fields.update(overrides)
-    return EngineConfig(**fields)
+DESCRIPTION = ("ragserve: a self-hosted LLM inference server with the OpenAI API, and its "
+               "offline tools. `ragserve COMMAND -h` describes a command.")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from engine.core import Engine
     from scheduler import SamplingParams
-    from server.engine import Engine
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
-    engine = Engine.from_config(engine_config(args, max_num_seqs=1, warmup=False))
+    config = config_from_namespace(args).engine_config()
+    engine = Engine.from_config(dataclasses.replace(config, max_num_seqs=1, warmup=False))
     t0 = time.perf_counter()
     first = None
     n = 0
@@ -84,18 +57,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve(argv: Sequence[str] | None = None) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     """``ragserve serve``: the OpenAI server (flags or RAGSERVE_* variables)."""
-    import uvicorn
-
-    from server.app import build_app
-    from server.config import ConfigError, config_from_args
-
     try:
-        config = config_from_args(argv)
+        config = config_from_namespace(args)
     except ConfigError as e:
         print(f"ragserve serve: error: {e}", file=sys.stderr)
         return 2
+    return run_server(config)
+
+
+def run_server(config: ServerConfig) -> int:
+    """Serve until SIGTERM or SIGINT: 0 after a clean drain, 1 when the engine or the index
+    failed, 2 for settings the engine cannot take."""
+    import uvicorn
+
+    from server.app import build_app
+
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     log = logging.getLogger("ragserve")
@@ -130,42 +108,56 @@ def serve(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ragserve", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="the OpenAI-compatible HTTP server (see `ragserve serve -h`)",
-                   add_help=False)
-    sub.add_parser("run-batch", help="run an OpenAI Batch API file (JSONL) offline (see "
-                                     "`ragserve run-batch -h`)", add_help=False)
-    g = sub.add_parser("generate", help="stream a completion for one prompt")
-    add_engine_args(g)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    g.set_defaults(func=cmd_generate)
+def add_serve_parser(sub: argparse._SubParsersAction,
+                     environ: Mapping[str, str] | None = None) -> None:
+    p = sub.add_parser(
+        "serve", help="the OpenAI-compatible HTTP server", usage="%(prog)s [-h] [flags]",
+        description="The OpenAI-compatible HTTP server. Every flag --foo-bar can also be set "
+                    "with the variable RAGSERVE_FOO_BAR; a flag on the command line wins "
+                    "(docs/configuration.md).")
+    add_serve_args(p)
+    add_env_defaults(p, environ)
+    p.set_defaults(func=cmd_serve)
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="stream a completion for one prompt",
+                       description="Stream a completion for one prompt to stdout; timings go "
+                                   "to stderr. Of the RAGSERVE_* variables it reads "
+                                   "RAGSERVE_CACHE_DIR only.")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """Every subcommand; ``environ`` (default: the process's) gives the ``RAGSERVE_*``
+    defaults of ``serve`` and ``run-batch``."""
+    from planning.buckets import add_buckets_parser
+    from planning.neuron import add_neuron_parser
     from retrieval.cli import add_index_parser
     from runtime.loader import default_cache_dir
 
+    parser = argparse.ArgumentParser(prog="ragserve", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(sub, environ)
+    add_batch_parser(sub, environ)
+    add_generate_parser(sub)
     add_index_parser(sub, default_cache_dir())
-    from runtime.neuron_cli import add_neuron_parser
     add_neuron_parser(sub)
-    from server.buckets_cli import add_buckets_parser
     add_buckets_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve"]:
-        return serve(argv[1:])
-    if argv[:1] == ["run-batch"]:
-        from server.batch import main as run_batch
-
-        return run_batch(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.func in (cmd_serve, cmd_run_batch):  # they set up logging and report their errors
+        return args.func(args)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from runtime.backends.neuron import NeuronUnavailableError

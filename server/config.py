@@ -5,6 +5,11 @@ Flags are named as vLLM names them where the meaning is the same (``--model``,
 (how ``docker run -e`` and SageMaker configure a container); a flag on the command line wins
 over the environment. Under SageMaker, ``SAGEMAKER_BIND_TO_PORT`` sets the port.
 Validation happens once, here, and every error names the flag (and the variable it came from).
+
+Each flag is declared once: :func:`add_engine_args` (the model and device flags that
+``serve``, ``run-batch`` and ``generate`` share) and :func:`add_serve_args` (those and the
+server's own, for ``serve`` and ``run-batch``). :func:`add_env_defaults` makes the variables a
+parser's defaults; :func:`config_from_namespace` turns what it parsed into a ServerConfig.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from server.engine import EngineConfig
+from bucketing import CONTEXT_ENCODING_FLAG, TOKEN_GENERATION_FLAG
+from bucketing.cost import DEVICES
+from engine.core import EngineConfig
 
 ENV_PREFIX = "RAGSERVE_"
-DEVICES = ("cpu", "cuda", "neuron")
+#: SageMaker's port for the container: --port's default, over RAGSERVE_PORT
+SAGEMAKER_PORT = "SAGEMAKER_BIND_TO_PORT"
 ENGINES = ("ragserve", "vllm")
 GROUNDING_MODES = ("report", "strip", "off")
 CITATION_POLICIES = ("auto", "model", "attribute")
@@ -218,65 +226,89 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
-def add_serve_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The model and device flags: ``serve``, ``run-batch`` and ``generate`` take them."""
     d = ServerConfig()
-    p.add_argument("--engine", default=d.engine, choices=ENGINES,
+    g = p.add_argument_group("model and device")
+    g.add_argument("--model", default=d.model,
+                   help="Hugging Face directory, .gguf file or Hub repo id "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--device", default=d.device, choices=DEVICES)
+    g.add_argument("--dtype", default=d.dtype,
+                   help="auto, float32, bfloat16 or float16. auto: bfloat16 on CUDA and on CPUs "
+                        "with native bf16 (AVX512-BF16 or AMX), else float32; on Neuron the "
+                        "checkpoint's torch_dtype (else bfloat16); --engine vllm: vLLM's rule")
+    g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype,
+                   help="auto (the model's dtype) or a dtype")
+    g.add_argument("--max-model-len", type=int, default=d.max_model_len,
+                   help="the longest sequence, prompt and generated tokens (default: the "
+                        "model's max positions, at most 2048; --engine vllm: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                   help="sequences decoded at once: KV-cache slots, the largest decode batch "
+                        "(generate runs one)")
+    g.add_argument(CONTEXT_ENCODING_FLAG, type=bucket_list, default=d.context_encoding_buckets,
+                   help="prefill lengths, e.g. 128,256,512 (default: three per octave up to "
+                        "--max-model-len)")
+    g.add_argument(TOKEN_GENERATION_FLAG, type=bucket_list, default=d.token_generation_buckets,
+                   help="decode context lengths (default: powers of two up to --max-model-len)")
+    g.add_argument("--compile", type=_bool, nargs="?", const=True, default=d.compile,
+                   metavar="BOOL",
+                   help="torch.compile one static graph per bucket (as on Neuron)")
+    g.add_argument("--kernels", default=d.kernels,
+                   help="auto (time the candidates on this machine, cached per CPU), or "
+                        "KEY=VALUE items pinning some: linear=packed|plain, "
+                        "attention=matmul|sdpa|grouped, step=eager|compiled (docs/performance.md)")
+    g.add_argument("--chat-template", default=d.chat_template,
+                   help="a Jinja chat template, or a file holding one (default: the model's)")
+    g.add_argument("--cache-dir", type=Path, default=d.cache_dir,
+                   help="where converted models and compiled graphs are kept (default: "
+                        "$RAGSERVE_CACHE_DIR, else $XDG_CACHE_HOME/ragserve, else "
+                        "~/.cache/ragserve)")
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """Every ``ragserve serve`` flag (``run-batch`` takes them too)."""
+    d = ServerConfig()
+    e = p.add_argument_group("engine")
+    e.add_argument("--engine", default=d.engine, choices=ENGINES,
                    help="ragserve: our engine (bucket graphs, continuous batching; CPU, CUDA, "
                         "transformers-neuronx); vllm: vLLM's engine in-process (GPUs, the "
                         "supported Neuron stacks, multi-node)")
-    p.add_argument("--vllm-arg", dest="vllm_args", type=vllm_arg, action="append",
+    e.add_argument("--vllm-arg", dest="vllm_args", type=vllm_arg, action="append",
                    default=[], metavar="KEY=VALUE",
                    help="with --engine vllm: any other vLLM engine argument (repeatable), e.g. "
                         "enable_prefix_caching=true, pipeline_parallel_size=2, "
                         "distributed_executor_backend=ray, override_neuron_config={...}; "
                         "VALUE is JSON or a string. RAGSERVE_VLLM_ARG: a shell-quoted list")
-    p.add_argument("--model", default=d.model,
-                   help="Hugging Face directory, .gguf file or Hub repo id "
-                        "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--served-model-name", default=d.served_model_name,
-                   help="the name clients send as `model` (default: from the model)")
-    p.add_argument("--host", default=d.host)
-    p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--max-model-len", type=int, default=d.max_model_len)
-    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+    e.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
+    e.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
                    help="tokens one engine step may run: the running requests' next tokens "
                         "plus the prompts admitted with them (default 2048, vLLM's on CPU; "
                         "with --engine vllm, vLLM's default)")
-    p.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
-    p.add_argument("--dtype", default=d.dtype)
-    p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype)
-    p.add_argument("--device", default=d.device, choices=DEVICES)
-    p.add_argument("--api-key", default=d.api_key,
+    e.add_argument("--engine-process", type=_bool, nargs="?", const=True,
+                   default=d.engine_process, metavar="BOOL",
+                   help="run ragserve's engine loop in a process of its own, so that the HTTP "
+                        "side cannot slow it (default true; false: a thread of the server)")
+    add_engine_args(p)
+    s = p.add_argument_group("server")
+    s.add_argument("--served-model-name", default=d.served_model_name,
+                   help="the name clients send as `model` (default: from the model)")
+    s.add_argument("--host", default=d.host)
+    s.add_argument("--port", type=int, default=d.port,
+                   help=f"default {d.port}; under SageMaker ${SAGEMAKER_PORT}")
+    s.add_argument("--api-key", default=d.api_key,
                    help="require `Authorization: Bearer KEY` on every route but /health, /ping")
-    p.add_argument("--chat-template", default=d.chat_template,
-                   help="a Jinja chat template, or a file holding one")
-    p.add_argument("--context-encoding-buckets", type=bucket_list, default=None,
-                   help="prefill lengths, e.g. 128,256,512 (default: three per octave)")
-    p.add_argument("--token-generation-buckets", type=bucket_list, default=None,
-                   help="decode context lengths (default: powers of two to max-model-len)")
-    p.add_argument("--max-queue-len", type=int, default=d.max_queue_len,
+    s.add_argument("--max-queue-len", type=int, default=d.max_queue_len,
                    help="waiting requests beyond this get 429 with Retry-After")
-    p.add_argument("--max-queue-wait", type=float, default=d.max_queue_wait,
+    s.add_argument("--max-queue-wait", type=float, default=d.max_queue_wait,
                    help="seconds a request may wait for a sequence slot: one expected to wait "
                         "longer (from the measured service time) gets 429 with Retry-After at "
                         "once; one admitted that still waits longer ends with an error")
-    p.add_argument("--engine-process", type=_bool, nargs="?", const=True,
-                   default=d.engine_process,
-                   help="run ragserve's engine loop in a process of its own, so that the HTTP "
-                        "side cannot slow it (default true; false: a thread of the server)")
-    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+    s.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                    help="request bodies beyond this get 413")
-    p.add_argument("--shutdown-grace-seconds", type=float, default=d.shutdown_grace_seconds,
+    s.add_argument("--shutdown-grace-seconds", type=float, default=d.shutdown_grace_seconds,
                    help="on SIGTERM, how long in-flight requests may take to finish")
-    p.add_argument("--compile", type=_bool, nargs="?", const=True, default=d.compile,
-                   help="torch.compile one static graph per bucket (as on Neuron)")
-    p.add_argument("--kernels", default=d.kernels,
-                   help="auto (time the candidates on this machine, cached per CPU), or "
-                        "KEY=VALUE items pinning some: linear=packed|plain, "
-                        "attention=matmul|sdpa|grouped, step=eager|compiled (docs/performance.md)")
-    p.add_argument("--cache-dir", type=Path, default=d.cache_dir)
-    p.add_argument("--log-level", default=d.log_level)
+    s.add_argument("--log-level", default=d.log_level)
     r = p.add_argument_group("retrieval-augmented generation")
     r.add_argument("--index", type=Path, default=d.index,
                    help="a `ragserve index build` directory: enables /v1/retrieve and `rag` in "
@@ -304,16 +336,41 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "default encoder on half of benchmarks/data's questions")
 
 
-def config_from_args(argv: Sequence[str] | None = None,
-                     environ: Mapping[str, str] | None = None) -> ServerConfig:
-    """Parse flags over ``RAGSERVE_*`` defaults; raises ConfigError naming what is wrong."""
+@dataclass(frozen=True)
+class FromEnv:
+    """What :func:`add_env_defaults` read: the variable each default came from (by dest), or
+    the error of the first variable it could not read."""
+
+    variables: Mapping[str, str]
+    error: ConfigError | None = None
+
+
+NO_ENV = FromEnv({})
+
+
+def add_env_defaults(p: argparse.ArgumentParser,
+                     environ: Mapping[str, str] | None = None) -> None:
+    """Make the ``RAGSERVE_*`` variable of each of ``p``'s ServerConfig flags (and
+    ``SAGEMAKER_BIND_TO_PORT`` for ``--port``) its default, parsed as the flag parses; a flag
+    on the command line wins. A value that cannot be read is kept for
+    :func:`config_from_namespace` to raise, so that it stops only the command that reads it."""
     environ = os.environ if environ is None else environ
-    p = argparse.ArgumentParser(prog="ragserve serve", exit_on_error=False)
-    add_serve_args(p)
-    from_env = {}
+    try:
+        values, variables = _read_env(p, environ)
+    except ConfigError as e:
+        p.set_defaults(from_env=FromEnv({}, e))
+        return
+    p.set_defaults(**values, from_env=FromEnv(variables))
+
+
+def _read_env(p: argparse.ArgumentParser,
+              environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    known = {f.name for f in fields(ServerConfig)}
+    values: dict[str, Any] = {}
+    variables: dict[str, str] = {}
     for action in p._actions:
         flag = next((s for s in action.option_strings if s.startswith("--")), None)
-        if flag is None or flag == "--help" or env_name(flag) not in environ:
+        if flag is None or action.dest not in known or env_name(flag) not in environ:
             continue
         raw = environ[env_name(flag)]
         try:
@@ -326,31 +383,49 @@ def config_from_args(argv: Sequence[str] | None = None,
         if action.choices and value not in action.choices:
             raise ConfigError(f"{env_name(flag)} (for {flag}) must be one of "
                               f"{list(action.choices)}, got {raw!r}")
-        from_env[action.dest] = value
-    p.set_defaults(**from_env)
+        values[action.dest] = value
+        variables[action.dest] = env_name(flag)
+    if SAGEMAKER_PORT in environ and any(a.dest == "port" for a in p._actions):
+        try:
+            values["port"] = int(environ[SAGEMAKER_PORT])
+        except ValueError:
+            raise ConfigError(f"{SAGEMAKER_PORT} must be an integer") from None
+        variables["port"] = SAGEMAKER_PORT
+    return values, variables
+
+
+def config_from_namespace(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig of what a parser given :func:`add_serve_args` (or only
+    :func:`add_engine_args`: the rest keep their defaults) has parsed; raises ConfigError
+    naming the flag, and the variable a bad value came from."""
+    from_env: FromEnv = getattr(args, "from_env", NO_ENV)
+    if from_env.error is not None:
+        raise from_env.error
+    known = {f.name for f in fields(ServerConfig)}
+    values = {k: v for k, v in vars(args).items() if k in known}
+    if "vllm_args" in values:
+        values["vllm_args"] = tuple(values["vllm_args"])
+    try:
+        return ServerConfig(**values)
+    except ConfigError as e:
+        raise ConfigError(_with_env_hint(str(e), from_env.variables)) from None
+
+
+def config_from_args(argv: Sequence[str] | None = None,
+                     environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Parse ``serve`` flags over ``RAGSERVE_*`` defaults; raises ConfigError naming what is
+    wrong."""
+    p = argparse.ArgumentParser(prog="ragserve serve", exit_on_error=False)
+    add_serve_args(p)
+    add_env_defaults(p, environ)
     try:
         args = p.parse_args(argv)
     except argparse.ArgumentError as e:
         raise ConfigError(str(e)) from None
-    values = vars(args)
-    values["vllm_args"] = tuple(values["vllm_args"])
-    if "SAGEMAKER_BIND_TO_PORT" in environ and not _given(argv, "--port"):
-        try:
-            values["port"] = int(environ["SAGEMAKER_BIND_TO_PORT"])
-        except ValueError:
-            raise ConfigError("SAGEMAKER_BIND_TO_PORT must be an integer") from None
-    known = {f.name for f in fields(ServerConfig)}
-    try:
-        return ServerConfig(**{k: v for k, v in values.items() if k in known})
-    except ConfigError as e:
-        raise ConfigError(_with_env_hint(str(e), from_env)) from None
+    return config_from_namespace(args)
 
 
-def _given(argv: Sequence[str] | None, flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in (argv or []))
-
-
-def _with_env_hint(message: str, from_env: dict[str, object]) -> str:
+def _with_env_hint(message: str, variables: Mapping[str, str]) -> str:
     flag = message.split(" ", 1)[0]
     dest = flag.lstrip("-").replace("-", "_")
-    return f"{message} (from {env_name(flag)})" if dest in from_env else message
+    return f"{message} (from {variables[dest]})" if dest in variables else message

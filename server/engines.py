@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from engine.client import EngineClient, FailureCallback
+from engine.core import Engine, ProgressCallback
 from server.config import ServerConfig
-from server.engine import Engine
-from server.engine_client import EngineClient, FailureCallback
 
 
 def build_engine(config: ServerConfig, served_name: Callable[[], str],
@@ -25,19 +25,18 @@ def build_engine(config: ServerConfig, served_name: Callable[[], str],
 def _ragserve_engine(config: ServerConfig, served_name: Callable[[], str],
                      on_failure: FailureCallback | None,
                      factory: Callable[[], Engine] | None) -> EngineClient:
-    from server.async_engine import AsyncEngine
     from server.metrics import EngineMetrics
 
+    observer = EngineMetrics(served_name)
     if factory is None and config.engine_process:
-        from server.engine_process import ProcessEngine
+        from engine.process import ProcessEngine
 
-        return ProcessEngine(config.engine_config(), observer=EngineMetrics(served_name),
-                             on_failure=on_failure)
+        return ProcessEngine(config.engine_config(), observer=observer, on_failure=on_failure)
+    from engine.thread import ThreadEngine
 
-    def build() -> Engine:
+    def build(progress: ProgressCallback) -> Engine:
         if factory is not None:
             return factory()
-        return Engine.from_config(config.engine_config(), on_progress=client.report_load)
+        return Engine.from_config(config.engine_config(), on_progress=progress)
 
-    client = AsyncEngine(build, observer=EngineMetrics(served_name), on_failure=on_failure)
-    return client  # build() reads client: it runs later, on the engine thread
+    return ThreadEngine(build, observer=observer, on_failure=on_failure)

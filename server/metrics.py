@@ -5,7 +5,7 @@ Two registries, so no name is ever registered twice whichever engine runs:
 - :class:`Metrics`, the server's own series, the same with either engine: token delivery,
   retrieval, grounding, HTTP responses, and the finished requests' prompt and decode context
   lengths in fine bins for ``ragserve buckets plan`` (``ragserve_*``;
-  :mod:`server.length_histograms`).
+  :mod:`planning.length_histograms`).
 - :class:`EngineMetrics`, ragserve's engine's series, read from its stats dataclasses: vLLM's
   names where the meaning matches (so vLLM dashboards work), ``ragserve_*`` for what is ours
   (buckets, padding, step time). With ``--engine vllm`` vLLM exports its own ``vllm:*`` series
@@ -24,9 +24,9 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from bucketing.histogram import LengthHistogram, length_bounds
+from engine.stats import FinishedRequestStats, StepStats
+from planning.length_histograms import LengthCollector
 from scheduler import SchedulerStats
-from server.async_engine import FinishedRequestStats, StepStats
-from server.length_histograms import LengthCollector
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from engine.client import ModelInfo
 from scheduler import RequestTooLongError, SamplingParams
-from server.engine_client import ModelInfo
 from server.errors import APIError, bad_request
 from server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 

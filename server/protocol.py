@@ -4,8 +4,8 @@ Requests forbid unknown fields: a field ragserve does not understand is a 400 th
 never silently ignored. Their types are strict (JSON's: no coercion of `false` to 0 or of 0 to
 `false`), as the OpenAPI document says. Fields OpenAI defines that ragserve cannot honour
 (tools, logit_bias, response_format other than text, ...) are accepted by the schema and
-rejected with a 400 by :mod:`server.serving`, so the message says what is not supported rather
-than "unknown".
+rejected with a 400 by :mod:`server.preprocess`, so the message says what is not supported
+rather than "unknown".
 """
 
 from __future__ import annotations
@@ -325,6 +325,14 @@ class Grounding(BaseModel):
 class RAGChatCompletionResponse(ChatCompletionResponse):
     sources: list[Source]
     grounding: Grounding | None
+
+
+class RAGChatCompletionChunk(ChatCompletionChunk):
+    """A RAG answer's stream event: ``sources`` in the first, ``grounding`` in its own event
+    after the finish (each sent only in its event)."""
+
+    sources: list[Source] | None = None
+    grounding: Grounding | None = None
 
 
 class ModelList(BaseModel):

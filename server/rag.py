@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from server.errors import APIError, bad_request
+from server.errors import LOADING_RETRY_SECONDS, APIError, bad_request, retry_after
+from server.protocol import Grounding, RetrieverInfo, Source
 
 if TYPE_CHECKING:
     from retrieval.grounding import Citer, GroundingReport
@@ -34,7 +35,6 @@ RAG_INSTRUCTIONS = (
     "passages that support it by their numbers in square brackets, like [1] or [2][3]. If the "
     "passages do not contain the answer, reply: I don't know."
 )
-RETRY_AFTER = "5"
 
 
 def format_passages(passages: Sequence[Passage]) -> str:
@@ -74,9 +74,9 @@ class RAGContext:
     context_tokens: int
     citations: str = "auto"
 
-    def sources(self) -> list[dict[str, Any]]:
-        return [{"number": n, "chunk_id": p.chunk_id, "doc_id": p.doc_id, "source": p.source,
-                 "page": p.page, "score": round(p.score, 4), "text": p.text}
+    def sources(self) -> list[Source]:
+        return [Source(number=n, chunk_id=p.chunk_id, doc_id=p.doc_id, source=p.source,
+                       page=p.page, score=round(p.score, 4), text=p.text)
                 for n, p in enumerate(self.passages, 1)]
 
 
@@ -136,16 +136,16 @@ class RAGService:
                  path, self.load_seconds, len(self.index), len(self.index.doc_ids),
                  self.index.backend.name)
 
-    def info(self) -> dict[str, Any] | None:
+    def info(self) -> RetrieverInfo | None:
         if not self.enabled:
             return None
-        out: dict[str, Any] = {"status": self.state, "index": str(self.config.index)}
-        if self.index is not None:
-            out.update(encoder=self.index.encoder.name, label=self.index.encoder.label,
-                       backend=self.index.backend.name, retrieval=self.index.retrieval.mode,
-                       passages=len(self.index),
-                       documents=len(self.index.doc_ids))
-        return out
+        if self.index is None:
+            return RetrieverInfo(status=self.state, index=str(self.config.index))
+        return RetrieverInfo(
+            status=self.state, index=str(self.config.index), encoder=self.index.encoder.name,
+            label=self.index.encoder.label, backend=self.index.backend.name,
+            retrieval=self.index.retrieval.mode, passages=len(self.index),
+            documents=len(self.index.doc_ids))
 
     def check_ready(self) -> PassageIndex:
         if not self.enabled:
@@ -154,7 +154,8 @@ class RAGService:
         if self.index is None:
             if self.state == "loading":
                 raise APIError(503, "the retrieval index is still loading",
-                               code="index_loading", headers={"Retry-After": RETRY_AFTER})
+                               code="index_loading",
+                               headers=retry_after(LOADING_RETRY_SECONDS))
             raise APIError(503, f"the retrieval index is not available: {self.error}",
                            code="index_unavailable")
         return self.index
@@ -202,7 +203,7 @@ class RAGService:
                      threshold=self.config.grounding_threshold,
                      attribution_threshold=self.config.attribution_threshold)
 
-    async def check(self, ctx: RAGContext, text: str) -> tuple[str, dict]:
+    async def check(self, ctx: RAGContext, text: str) -> tuple[str, Grounding]:
         """Cite and check one finished answer: the text to return and the report."""
         from retrieval.grounding import check
 
@@ -214,29 +215,20 @@ class RAGService:
                           attribution_threshold=self.config.attribution_threshold))
         return text, self.reported(ctx, report)
 
-    def reported(self, ctx: RAGContext, report: GroundingReport) -> dict[str, Any]:
-        """The report as JSON, counted in the RAG metrics."""
+    def reported(self, ctx: RAGContext, report: GroundingReport) -> Grounding:
+        """The report as the response field, counted in the RAG metrics."""
         if self.metrics is not None:
             self.metrics.observe_rag(
                 len(ctx.passages), len(report.invalid_citations),
                 report.unsupported_citations - len(report.invalid_citations),
                 sum(len(s.citations) for s in report.sentences) - report.attributed,
                 report.attributed)
-        return grounding_json(report)
+        # the report's attributes are the field names (two of them properties)
+        return Grounding.model_validate(report, from_attributes=True)
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` on the retriever's thread (encoder work off the event loop)."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
-
-def grounding_json(report: GroundingReport) -> dict[str, Any]:
-    return {"mode": report.mode, "citations": report.citations, "threshold": report.threshold,
-            "attributed": report.attributed,
-            "invalid_citations": report.invalid_citations, "unsupported": report.unsupported,
-            "removed_sentences": report.removed_sentences,
-            "sentences": [{"text": s.text, "citations": s.citations, "attributed": s.attributed,
-                           "support": s.support, "supported": s.supported}
-                          for s in report.sentences]}
 
 
 class SentenceStream:
@@ -270,7 +262,7 @@ class SentenceStream:
         out = "".join(pieces)
         return out
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> Grounding:
         return self.service.reported(self.ctx, self.citer.report)
 
 

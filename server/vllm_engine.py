@@ -1,5 +1,5 @@
 """``--engine vllm``: vLLM's v1 ``AsyncLLM`` in-process, behind the
-:class:`~server.engine_client.EngineClient` interface.
+:class:`~engine.client.EngineClient` interface.
 
 The server above is unchanged: it tokenizes (with vLLM's tokenizer, so the ids are the ones the
 engine would make), validates, builds RAG prompts and streams; this module turns a request into
@@ -66,9 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from bucketing.cost import PrefillTimes
-from scheduler import FinishReason, SamplingParams, TokenLogprobs
-from server.config import ConfigError, ServerConfig
-from server.engine_client import (
+from engine.client import (
     EngineDead,
     EngineNotReady,
     EngineRequestError,
@@ -76,7 +74,9 @@ from server.engine_client import (
     FailureCallback,
     ModelInfo,
 )
-from server.output import RequestOutput
+from engine.output import RequestOutput
+from scheduler import FinishReason, SamplingParams, TokenLogprobs
+from server.config import ConfigError, ServerConfig
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from helpers import StubBackend
 from serverutil import ThreadServer, metric, wait_ready
 
 from bucketing import BucketConfig
+from engine.core import Engine
 from runtime.runner import ModelRunner
 from scheduler import Scheduler
 from server.admission import KEEPALIVE, Admission, QueueTimeout, first_within
 from server.app import build_app
 from server.config import ServerConfig
-from server.engine import Engine
 from server.errors import APIError
 
 EOT = 128009

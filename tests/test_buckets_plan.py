@@ -1,7 +1,7 @@
 """Traffic-planned buckets: the length sample (bucketing.sample), the length histograms on
-/metrics and read back from a Prometheus text (bucketing.histogram, server.length_histograms),
+/metrics and read back from a Prometheus text (bucketing.histogram, planning.length_histograms),
 the prefill cost model and the server's prefill times (bucketing.cost), GET /v1/buckets, and
-``ragserve buckets plan`` (server.buckets_cli)."""
+``ragserve buckets plan`` (planning.buckets)."""
 
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from bucketing.cost import (
 )
 from bucketing.histogram import BinnedLengths, LengthHistogram, Lengths, length_bounds
 from bucketing.sample import LengthSample, SampleError
-from server import buckets_cli
+from planning import buckets as buckets_plan
+from planning.length_histograms import CONTEXT, PROMPT, read_exposition
 from server.cli import main
-from server.length_histograms import CONTEXT, PROMPT, read_exposition
 
 KEY = "plan-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -124,8 +124,8 @@ def write_jsonl(path: Path, trace: list[tuple[int, int]]) -> Path:
 
 def test_planning_from_a_file_pads_no_more_than_the_default_lists(tmp_path: Path):
     trace = mixed_trace()
-    src = buckets_cli.load_source(str(write_jsonl(tmp_path / "t.jsonl", trace)))
-    report = buckets_cli.plan(src, max_model_len=2048)
+    src = buckets_plan.load_source(str(write_jsonl(tmp_path / "t.jsonl", trace)))
+    report = buckets_plan.plan(src, max_model_len=2048)
     ce, tg = report["context_encoding"], report["token_generation"]
     assert ce["baseline"] == "default" and ce["baseline_buckets"] == generate_dense_buckets(
         128, 2048)
@@ -154,14 +154,14 @@ def test_goal_shape_on_the_benchmarks_replayed_trace():
 
 
 def test_lengths_past_the_largest_bucket_are_reported_not_fitting():
-    src = buckets_cli.Source(LengthSample.from_json({"prompt_lengths": [100, 200, 900],
+    src = buckets_plan.Source(LengthSample.from_json({"prompt_lengths": [100, 200, 900],
                                                      "context_lengths": [150, 300, 1000]}),
                              [128, 256, 512], [256, 1024], 1024)
-    report = buckets_cli.plan(src, ks=[2])
+    report = buckets_plan.plan(src, ks=[2])
     assert report["context_encoding"]["not_fitting"] == 1
     assert report["context_encoding"]["plans"][0]["buckets"][-1] == 512
     assert report["token_generation"]["not_fitting"] == 0
-    text = buckets_cli.format_report(report, "x")
+    text = buckets_plan.format_report(report, "x")
     assert "1 of 3 lengths are above 512 and fit no bucket" in text
 
 
@@ -199,7 +199,8 @@ def test_cli_text_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
         assert p["prefill_cost_vs_baseline"] == round(
             relative_cost(CPU_COST, prompts, p["buckets"], ce["baseline_buckets"]), 4)
     assert all("prefill_cost_vs_baseline" not in p for p in report["token_generation"]["plans"])
-    assert report["token_generation"]["plans"][0]["env"].startswith(buckets_cli.TG_ENV + "=")
+    assert report["token_generation"]["plans"][0]["env"].startswith(
+        "RAGSERVE_TOKEN_GENERATION_BUCKETS=")
 
     assert main(["buckets", "plan", "--from", str(f), "--max-model-len", "2048", "--json",
                  "--device", "cpu", "--cost-model", "tokens"]) == 0
@@ -211,11 +212,24 @@ def test_cli_text_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
 
 
 def test_cli_env_names_and_devices_match_the_servers():
-    from server.config import DEVICES, env_name
+    """The flags and variables the plan prints, and the devices it takes, are the server's."""
+    import argparse
 
-    assert env_name(buckets_cli.CE_FLAG) == buckets_cli.CE_ENV
-    assert env_name(buckets_cli.TG_FLAG) == buckets_cli.TG_ENV
-    assert buckets_cli.DEVICES == DEVICES
+    from bucketing import (
+        CONTEXT_ENCODING_ENV,
+        CONTEXT_ENCODING_FLAG,
+        TOKEN_GENERATION_ENV,
+        TOKEN_GENERATION_FLAG,
+    )
+    from server.config import DEVICES, add_serve_args, env_name
+
+    assert env_name(CONTEXT_ENCODING_FLAG) == CONTEXT_ENCODING_ENV
+    assert env_name(TOKEN_GENERATION_FLAG) == TOKEN_GENERATION_ENV
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    flags = {s for a in p._actions for s in a.option_strings}
+    assert {CONTEXT_ENCODING_FLAG, TOKEN_GENERATION_FLAG} <= flags
+    assert buckets_plan.DEVICES == DEVICES
 
 
 # -- the prefill cost model -----------------------------------------------------------------
@@ -298,7 +312,7 @@ def timed_body(times: dict[int, float], device: str = "cpu") -> dict:
 def test_a_body_with_prefill_times_is_fitted_and_one_without_falls_back(tmp_path: Path):
     truth = PrefillCost(0.01, 2e-4, 1e-6, "truth")
     body = timed_body({b: truth(b) for b in (64, 128, 256, 512)})
-    report = buckets_cli.plan(buckets_cli.source_from_json(body))
+    report = buckets_plan.plan(buckets_plan.source_from_json(body))
     cost = report["cost_model"]
     assert cost["source"].startswith("fitted to this server's prefill steps (16 one-prompt "
                                      "prefills in 4 buckets, 64..512 tokens)")
@@ -310,85 +324,26 @@ def test_a_body_with_prefill_times_is_fitted_and_one_without_falls_back(tmp_path
             relative_cost(truth, prompts, p["buckets"], [64, 128, 256, 512]), 4)
     saved = tmp_path / "b.json"
     saved.write_text(json.dumps(body))
-    assert buckets_cli.plan(buckets_cli.load_source(str(saved)))["cost_model"] == cost
+    assert buckets_plan.plan(buckets_plan.load_source(str(saved)))["cost_model"] == cost
 
     for times, device, why in (
             ({}, "cpu", None),
             ({64: 0.1, 128: 0.2}, "cpu", "in 2 bucket length(s), 3 are needed"),
             ({64: 0.5, 128: 0.01, 256: 0.5}, "cpu", "is not > 0 up to 512"),
             ({}, "neuron", None)):
-        report = buckets_cli.plan(buckets_cli.source_from_json(timed_body(times, device)))
+        report = buckets_plan.plan(buckets_plan.source_from_json(timed_body(times, device)))
         source = report["cost_model"]["source"]
         assert source.startswith(default_cost(device).source), source
         assert (why is None) == (";" not in source) and (why or "") in source
     neuron = timed_body({b: truth(b) for b in (64, 128, 256)}, "neuron")
-    assert buckets_cli.plan(buckets_cli.source_from_json(neuron))["cost_model"][
+    assert buckets_plan.plan(buckets_plan.source_from_json(neuron))["cost_model"][
         "source"].startswith("fitted to this server's prefill steps")
     # lists for another device than the one timed: its times do not apply
-    src = buckets_cli.source_from_json(body)
-    cost = buckets_cli.choose_cost(src, 512, device="neuron")
+    src = buckets_plan.source_from_json(body)
+    cost = buckets_plan.choose_cost(src, 512, device="neuron")
     assert cost.is_tokens and "prefill times are from cpu, not neuron" in cost.source
-    with pytest.raises(buckets_cli.PlanError, match="count must be"):
-        buckets_cli.source_from_json({**body, "prefill_seconds_by_bucket": {"64": {}}})
-
-
-def test_only_one_prompt_prefill_steps_are_timed():
-    """The engine front keeps the time of a prefill of one prompt alone: not decode or mixed
-    steps, not batched prefills, not a failed step (which generates nothing)."""
-    from server.async_engine import AsyncEngine, StepStats
-
-    front = AsyncEngine(lambda: None)  # never started: only its step bookkeeping runs
-    base = dict(phase="prefill", bucket="64", batch_size=1, seconds=0.5, num_prompt_tokens=40,
-                num_generation_tokens=1, num_padding_tokens=24, inter_token_latencies=())
-    for change in ({}, {"phase": "decode"}, {"phase": "mixed", "num_generation_tokens": 3},
-                   {"batch_size": 2, "num_generation_tokens": 2},
-                   {"num_generation_tokens": 0}, {"bucket": "128", "seconds": 1.5}):
-        front._on_step(StepStats(**{**base, **change}))
-    assert front.prefill_times.to_json() == {
-        "64": {"count": 1, "mean_tokens": 64.0, "mean_s": 0.5},
-        "128": {"count": 1, "mean_tokens": 64.0, "mean_s": 1.5}}
-
-
-def test_the_engine_process_sends_step_stats_to_the_front():
-    """In the engine process, step stats go into the outbox as they are; the front's reader
-    records the prefill times and tells its observer."""
-    from server.async_engine import StepStats
-    from server.engine import EngineConfig
-    from server.engine_process import ProcessEngine, _ChildEngine
-
-    class Pipe:
-        def __init__(self) -> None:
-            self.sent: list = []
-
-        def send(self, items: list) -> None:
-            self.sent.append(items)
-
-        def recv(self) -> list:
-            if not self.sent:
-                raise EOFError
-            return self.sent.pop(0)
-
-    class Observer:
-        def __init__(self) -> None:
-            self.steps: list = []
-
-        def on_step(self, stats: StepStats) -> None:
-            self.steps.append(stats)
-
-    pipe = Pipe()
-    child = _ChildEngine(EngineConfig(), pipe)  # never started: no model is loaded
-    stats = StepStats(phase="prefill", bucket="32", batch_size=1, seconds=0.25,
-                      num_prompt_tokens=20, num_generation_tokens=1, num_padding_tokens=0,
-                      inter_token_latencies=())
-    child._on_step(stats)
-    child._flush()
-    assert pipe.sent == [[("step", stats)]]
-    front = ProcessEngine(EngineConfig(), observer=(observer := Observer()))
-    front._stopping = True  # the pipe's end reads as a shutdown
-    front._read(pipe)
-    assert observer.steps == [stats]
-    assert front.prefill_times.to_json() == {"32": {"count": 1, "mean_tokens": 20.0,
-                                                    "mean_s": 0.25}}
+    with pytest.raises(buckets_plan.PlanError, match="count must be"):
+        buckets_plan.source_from_json({**body, "prefill_seconds_by_bucket": {"64": {}}})
 
 
 @pytest.mark.parametrize("content, message", [
@@ -539,12 +494,12 @@ def test_plan_from_histograms_equals_plan_from_lengths(tmp_path: Path, multiples
     trace = mixed_trace(3000, seed=4)
     if multiples:
         trace = [(-(-p // 32) * 32, -(-c // 32) * 32) for p, c in trace]
-    raw = buckets_cli.plan(buckets_cli.load_source(str(write_jsonl(tmp_path / "t.jsonl",
+    raw = buckets_plan.plan(buckets_plan.load_source(str(write_jsonl(tmp_path / "t.jsonl",
                                                                    trace))),
                            max_model_len=2048, cost_model="tokens")
     f = tmp_path / "metrics.txt"
     f.write_text(exposition(trace, 2048))
-    binned = buckets_cli.plan(buckets_cli.load_source(str(f)), cost_model="tokens")
+    binned = buckets_plan.plan(buckets_plan.load_source(str(f)), cost_model="tokens")
     assert binned["max_model_len"] == 2048  # the histogram's last bound
     assert binned["histograms"]["requests"] == {"prompt": 3000, "context": 3000}
     assert binned["histograms"]["real_tokens"]["prompt"] == sum(p for p, _ in trace)
@@ -709,7 +664,7 @@ def test_server_samples_finished_requests_and_plan_reads_it(
     assert ce["baseline"] == "current" and ce["baseline_buckets"] == [16, 32, 64, 128]
     assert ce["align"] == 16 and report["max_model_len"] == 256
     assert report["device"] == "cpu" and report["exact_shape_prefill"] is True
-    assert len(timed) < buckets_cli.MIN_FIT_BUCKETS  # too few bucket lengths to fit
+    assert len(timed) < buckets_plan.MIN_FIT_BUCKETS  # too few bucket lengths to fit
     assert report["cost_model"]["source"] == (
         f"{CPU_COST.source}; the server timed one-prompt prefills in {len(timed)} bucket "
         "length(s), 3 are needed for a fit")
@@ -759,8 +714,8 @@ def test_plan_from_the_servers_metrics_matches_its_sample(
     assert {k: v for k, v in json.loads(capsys.readouterr().out).items() if k != "source"} == {
         k: v for k, v in from_metrics.items() if k != "source"}
     # the sample, without the server's lists (a Prometheus text has none)
-    sample = buckets_cli.Source(LengthSample.from_json(body), max_model_len=256)
-    from_sample = buckets_cli.plan(sample, align=32, device="cpu")
+    sample = buckets_plan.Source(LengthSample.from_json(body), max_model_len=256)
+    from_sample = buckets_plan.plan(sample, align=32, device="cpu")
     for key in ("context_encoding", "token_generation"):
         assert from_metrics[key].pop("binned_inexact") == 0
         assert from_metrics[key] == from_sample[key]
@@ -828,7 +783,7 @@ def answers_for(text: str, window: str, model: str | None, jitter: bool = False)
     """What Prometheus answers to the queries for ``window`` when the histograms of ``text``
     (one model, "m") are its increase. With ``jitter`` the counts are extrapolated: +0.3 on
     each, and an empty bin's cumulative count 0.2 below the one before it."""
-    from server.prometheus_query import queries
+    from planning.prometheus import queries
 
     h = read_exposition(text)
     labels = {} if model is not None else {"model_name": "m"}
@@ -894,7 +849,7 @@ def test_neuron_plan_reads_prometheus(tmp_path: Path, capsys: pytest.CaptureFixt
             "--max-model-len", "4096", "--max-num-seqs", "4", "--json", "--from"]
     assert main([*base, str(tmp_path / "metrics.txt")]) == 0
     from_text = json.loads(capsys.readouterr().out)
-    from server.prometheus_query import DEFAULT_WINDOW
+    from planning.prometheus import DEFAULT_WINDOW
 
     with FakePrometheus(answers_for(text, DEFAULT_WINDOW, None)) as prom:
         assert main([*base, prom.url]) == 0
@@ -904,7 +859,7 @@ def test_neuron_plan_reads_prometheus(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_prometheus_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     from serverutil import free_port
 
-    from server.prometheus_query import queries
+    from planning.prometheus import queries
 
     text = exposition(mixed_trace(50, seed=3), 256)
     good = answers_for(text, "7d", "m")

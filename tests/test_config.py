@@ -1,5 +1,7 @@
-"""ServerConfig: flags, RAGSERVE_* variables, SageMaker's port, errors that name the flag."""
+"""ServerConfig: flags, RAGSERVE_* variables, SageMaker's port, errors that name the flag; the
+`ragserve` subcommands that take those flags."""
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,97 @@ def test_chat_template_is_a_file_or_a_template(tmp_path: Path):
     assert ServerConfig(chat_template="{{ x }}").chat_template_text() == "{{ x }}"
     with pytest.raises(ConfigError, match="--chat-template"):
         ServerConfig(chat_template="no-such-file.jinja").chat_template_text()
+
+
+def test_sagemaker_port_errors_name_the_variable():
+    with pytest.raises(ConfigError, match=r"got 70000 \(from SAGEMAKER_BIND_TO_PORT\)"):
+        config_from_args([], environ={"SAGEMAKER_BIND_TO_PORT": "70000"})
+    with pytest.raises(ConfigError, match="SAGEMAKER_BIND_TO_PORT must be an integer"):
+        config_from_args([], environ={"SAGEMAKER_BIND_TO_PORT": "http"})
+    env = {"SAGEMAKER_BIND_TO_PORT": "8080", "RAGSERVE_PORT": "9000"}
+    assert config_from_args([], environ=env).port == 8080
+
+
+# -- the command line: one subparser per command, each flag declared once ---------------------
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions
+                if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_ragserve_help_lists_every_command_and_each_has_help(capsys):
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("serve", "run-batch", "generate", "index", "neuron", "buckets"):
+        assert f"    {command} " in out
+    for argv, flag in ((["serve"], "--max-queue-wait"), (["run-batch"], "--input-file"),
+                       (["generate"], "--prompt"), (["buckets", "plan"], "--from"),
+                       (["neuron", "plan"], "--instance"), (["index", "build"], "--out")):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--help"])
+        assert e.value.code == 0
+        assert flag in capsys.readouterr().out
+
+
+def test_serve_run_batch_and_generate_share_the_engine_flags():
+    from server.cli import build_parser
+
+    def flags(p: argparse.ArgumentParser) -> dict[str, tuple]:
+        return {a.option_strings[-1]: (a.dest, a.type, a.default, a.choices, a.nargs, a.const,
+                                       a.help) for a in p._actions if a.option_strings}
+
+    commands = subparsers(build_parser(environ={}))
+    serve, batch, generate = (flags(commands[c]) for c in ("serve", "run-batch", "generate"))
+    shared = {"--model", "--device", "--dtype", "--kv-cache-dtype", "--max-model-len",
+              "--max-num-seqs", "--context-encoding-buckets", "--token-generation-buckets",
+              "--compile", "--kernels", "--chat-template", "--cache-dir"}
+    assert shared <= set(generate) and shared <= set(serve)
+    assert {f: generate[f] for f in shared} == {f: serve[f] for f in shared}
+    assert {f: v for f, v in batch.items() if f in serve} == serve
+    # --dtype auto says what runtime.loader.resolve_dtype does
+    assert "bfloat16 on CUDA and on CPUs with native bf16" in generate["--dtype"][-1]
+    args = commands["generate"].parse_args(["--prompt", "x", "--compile", "false"])
+    assert args.compile is False
+    assert commands["generate"].parse_args(["--prompt", "x", "--compile"]).compile is True
+
+
+def test_serve_and_run_batch_read_the_environment_generate_does_not():
+    from server.cli import build_parser
+    from server.config import config_from_namespace
+
+    p = build_parser(environ={"RAGSERVE_MAX_NUM_SEQS": "3", "RAGSERVE_COMPILE": "true",
+                              "RAGSERVE_INPUT_FILE": "x.jsonl"})
+    serve = config_from_namespace(p.parse_args(["serve", "--port", "9"]))
+    assert (serve.max_num_seqs, serve.compile, serve.port) == (3, True, 9)
+    batch = p.parse_args(["run-batch", "-i", "in.jsonl", "-o", "out.jsonl"])
+    assert config_from_namespace(batch).max_num_seqs == 3
+    assert str(batch.input_file) == "in.jsonl"  # the batch flags are not ServerConfig's
+    generate = p.parse_args(["generate", "--prompt", "x"])
+    assert (generate.max_num_seqs, generate.compile) == (16, False)
+
+
+def test_a_bad_variable_stops_only_the_commands_that_read_it(monkeypatch, capsys):
+    from server.cli import build_parser, main
+
+    monkeypatch.setenv("RAGSERVE_PORT", "http")
+    assert main(["serve"]) == 2
+    assert "ragserve serve: error: RAGSERVE_PORT (for --port)" in capsys.readouterr().err
+    assert main(["run-batch", "-i", "in.jsonl", "-o", "out.jsonl"]) == 2
+    assert "ragserve run-batch: error: RAGSERVE_PORT" in capsys.readouterr().err
+    args = build_parser().parse_args(["generate", "--prompt", "x"])
+    assert args.prompt == "x"
+
+
+def test_python_dash_m_server_is_ragserve_serve():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=root,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("usage: ragserve serve") and "--max-queue-wait" in out

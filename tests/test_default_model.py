@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import bf16_kernels, check_against_hf_bf16
 
+from engine.core import Engine, EngineConfig
 from runtime.loader import EMBEDDED_NAME, resolve_model
 from scheduler import FinishReason, SamplingParams
-from server.engine import Engine, EngineConfig
 
 pytestmark = pytest.mark.slow
 

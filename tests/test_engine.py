@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from bucketing import BucketConfig
+from engine.core import Engine
 from scheduler import FinishReason, ModelRunnerOutput, SamplingParams, Scheduler, SchedulerOutput
-from server.engine import Engine
 
 
 class ScriptedRunner:

@@ -298,8 +298,8 @@ def test_ping_is_ready_without_the_api_key():
     from server import routes
 
     paths = {r.path: r.endpoint for r in routes.router.routes if "GET" in r.methods}
-    assert "_ready" in paths["/ping"].__code__.co_names
-    assert "_ready" in paths["/ready"].__code__.co_names
+    assert "readiness" in paths["/ping"].__code__.co_names
+    assert "readiness" in paths["/ready"].__code__.co_names
     assert "/ping" in OPEN_PATHS and "/ready" not in OPEN_PATHS
 
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from bucketing import DECODE, PREFILL, Bucket
+from engine.core import Engine, EngineConfig
 from runtime import kernels as K
 from runtime.backends.torch_backend import TorchBackend
 from runtime.runner import BucketedBatch
 from scheduler import SamplingParams, ScheduledRow, SchedulerOutput
 from server.config import ConfigError, config_from_args
-from server.engine import Engine, EngineConfig
 
 
 def config(model: Path, cache: Path, kernels: str = "auto") -> EngineConfig:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from helpers import LLAMA3_EOS, bf16_kernels, check_against_hf_bf16, llama3_tokenizer_model
 
+from engine.core import Engine, EngineConfig
 from scheduler import FinishReason, SamplingParams
-from server.engine import Engine, EngineConfig
 
 CE_BUCKETS = (16, 32, 64, 128)
 TG_BUCKETS = (32, 64, 128, 256)

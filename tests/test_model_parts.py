@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.core import Engine, EngineConfig
 from runtime.model import DECODE_ATTENTION, Linear, RMSNorm, onednn_packing_available
 from scheduler import SamplingParams
-from server.engine import Engine, EngineConfig
 
 
 @pytest.mark.skipif(not onednn_packing_available(), reason="needs oneDNN (CPU build of torch)")

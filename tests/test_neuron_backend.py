@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from bucketing import BucketConfig
+from engine.core import Engine, EngineConfig
 from runtime import neuron_plan
 from runtime.backends import neuron
 from runtime.backends.neuron import (
@@ -32,7 +33,6 @@ from runtime.backends.neuron import (
 from runtime.runner import BucketedBatch
 from scheduler import ScheduledRow, SchedulerOutput
 from server.config import config_from_args
-from server.engine import Engine, EngineConfig
 
 VERSIONS = {"transformers-neuronx": "0.13.322", "neuronx-cc": "2.16.372.0",
             "torch-neuronx": "2.1.2.2.4.0"}

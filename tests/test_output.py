@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.output import OutputProcessor
 from scheduler import FinishReason, SamplingParams, StepOutput
-from server.output import OutputProcessor
 
 TEXT = "Résumé: 你好, world! 🎉 The end."
 

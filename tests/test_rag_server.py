@@ -22,13 +22,13 @@ from helpers import StubBackend
 from serverutil import ThreadServer, engine_flags, metric, start_subprocess, wait_ready
 
 from bucketing import BucketConfig
+from engine.core import Engine
 from retrieval.encoder import ColBERTEncoder
 from retrieval.index import PassageIndex
 from runtime.runner import ModelRunner
 from scheduler import Scheduler
 from server.app import build_app
 from server.config import ServerConfig
-from server.engine import Engine
 
 EOT = 128009
 

@@ -15,10 +15,10 @@ import pytest
 from helpers import POISON, PoisonRunner
 from serverutil import ROOT, engine_flags
 
+from engine.core import Engine, EngineConfig
 from server.batch import BatchError, BatchSummary, run_batch
 from server.cli import main
 from server.config import ServerConfig
-from server.engine import Engine, EngineConfig
 
 MODEL = "tiny"
 MSG = [{"role": "user", "content": "Tell me about buckets."}]

@@ -15,9 +15,9 @@ import pytest
 from helpers import POISON, PoisonRunner
 from serverutil import ThreadServer, engine_flags, start_subprocess, wait_ready
 
+from engine.core import Engine, EngineConfig
 from server.app import build_app
 from server.config import ServerConfig
-from server.engine import Engine, EngineConfig
 
 
 def tiny_engine_config(model: Path) -> EngineConfig:
@@ -175,9 +175,9 @@ def test_the_engine_process_gives_the_thread_engines_tokens_and_metrics(tiny_lla
     """The same loop on a thread and in a child process: the same greedy tokens, text and
     logprobs for requests that share batches (the child sends only what is new; the front
     rebuilds the snapshots), the same request and token counts in the metrics."""
+    from engine.process import ProcessEngine
+    from engine.thread import ThreadEngine
     from scheduler import SamplingParams
-    from server.async_engine import AsyncEngine
-    from server.engine_process import ProcessEngine
     from server.metrics import EngineMetrics
 
     cfg = tiny_engine_config(tiny_llama_dir)
@@ -203,7 +203,7 @@ def test_the_engine_process_gives_the_thread_engines_tokens_and_metrics(tiny_lla
         finally:
             engine.stop()
 
-    thread = AsyncEngine(lambda: Engine.from_config(cfg), observer=EngineMetrics("t"))
+    thread = ThreadEngine(lambda progress: Engine.from_config(cfg), observer=EngineMetrics("t"))
     child = ProcessEngine(cfg, observer=EngineMetrics("t"))
     got, want = asyncio.run(run(child)), asyncio.run(run(thread))
     for (ids, text, logprobs, prompt), (ids2, text2, logprobs2, prompt2) in zip(got, want):

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from engine.client import ModelInfo
 from runtime.sampler import RequestState, Sampler
-from server.engine_client import ModelInfo
-from server.errors import APIError
+from server.errors import APIError, validation_message
 from server.preprocess import (
     chat_prompt_ids,
     check_unsupported,
@@ -25,7 +25,6 @@ from server.preprocess import (
     sampling_params,
 )
 from server.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
-from server.routes import validation_message
 
 INT64 = 2**63
 ints = st.one_of(st.integers(-3, 40), st.integers(-(2**80), 2**80),

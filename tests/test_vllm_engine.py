@@ -23,9 +23,9 @@ import httpx
 import pytest
 from serverutil import ThreadServer, wait_ready
 
+from engine.client import EngineDead, EngineRequestError, EngineState
 from scheduler import FinishReason, SamplingParams
 from server.config import ConfigError, ServerConfig
-from server.engine_client import EngineDead, EngineRequestError, EngineState
 from server.vllm_engine import (
     _VLLM,
     OutputAccumulator,

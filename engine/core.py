@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bucketing import BucketConfig
+from engine.output import OutputProcessor, RequestOutput
 from scheduler import (
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
     FinishReason,
@@ -20,7 +21,6 @@ from scheduler import (
     SchedulerOutput,
     StepOutput,
 )
-from server.output import OutputProcessor, RequestOutput
 
 log = logging.getLogger(__name__)
 

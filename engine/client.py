@@ -1,7 +1,7 @@
 """The engine front: the one interface the server talks to, whichever engine is behind it.
 
-Two engines implement it: ragserve's own (:class:`server.async_engine.AsyncEngine`: bucket
-graphs, slot KV cache, continuous batching on a thread) and vLLM's
+Two engines implement it: ragserve's own (:mod:`engine.thread` and :mod:`engine.process`: bucket
+graphs, slot KV cache, continuous batching, in a child process or on a thread) and vLLM's
 (:class:`server.vllm_engine.VLLMEngine`: vLLM's v1 ``AsyncLLM`` in-process). Everything above it
 (routes, validation, errors and limits, API key, SageMaker routes, RAG, grounding, metrics of
 the API) is one code path that never asks which engine it has; the only place that names the
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from bucketing.cost import PrefillTimes
+from engine.output import RequestOutput
 from scheduler import SamplingParams, check_fits
-from server.output import RequestOutput
 
 #: Called once when the engine fails to load or dies: the server exits (non-zero), so that an
 #: orchestrator restarts it.

@@ -6,8 +6,9 @@ requests that :mod:`bucketing.sample` samples, in the fixed bins of
 :func:`bucketing.histogram.length_bounds`. :class:`LengthCollector` writes them (for
 :class:`server.metrics.Metrics`); :func:`read_exposition` reads them back from a Prometheus
 text exposition (``curl host:port/metrics``, a Prometheus federation dump) for ``ragserve
-buckets plan``, summed over every label set but ``le``. prometheus_client only (no torch):
-the buckets CLI imports it.
+buckets plan``, summed over every label set but ``le``. prometheus_client and bucketing only
+(no torch): both sides import it, the server (:mod:`server.metrics`) and
+:mod:`planning.buckets`.
 """
 
 from __future__ import annotations

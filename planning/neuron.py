@@ -6,6 +6,9 @@ With ``--from`` (a running server's URL, a saved ``/v1/buckets`` body, a lengths
 Prometheus text exposition, as ``ragserve buckets plan`` takes), the bucket lists are planned
 from that traffic, with as many graphs as the power-of-two lists, instead of being powers of two:
 memory and buckets in one plan.
+
+The arithmetic is :mod:`runtime.neuron_plan`'s (the neuron backend validates with it before it
+compiles); it imports the standard library and bucketing only, no torch.
 """
 
 from __future__ import annotations
@@ -56,10 +59,10 @@ def add_neuron_parser(sub: argparse._SubParsersAction) -> None:
 def plan_from_traffic(plan: Plan, source: str, api_key: str | None) -> Plan:
     """``plan`` with its bucket lists replaced by the least-padding lists of the same lengths
     for the lengths ``source`` observed; the notes say what the plan gains on that sample
-    (padding, and prefill cost: :func:`server.buckets_cli.choose_cost` for Neuron)."""
+    (padding, and prefill cost: :func:`planning.buckets.choose_cost` for Neuron)."""
     from bucketing import padding_ratio, plan_buckets
     from bucketing.cost import relative_cost
-    from server.buckets_cli import PlanError, choose_cost, load_source
+    from planning.buckets import PlanError, choose_cost, load_source
 
     try:
         src = load_source(source, api_key)

@@ -6,13 +6,13 @@
 ``http(s)://host:port/metrics`` (with the API key), a Prometheus ``/federate`` URL, or a saved
 dump of either; or a Prometheus server, ``prometheus+http(s)://host:port`` (its HTTP API:
 the histograms' ``increase()`` over ``--window``, default 7d, across replicas and restarts:
-:mod:`server.prometheus_query`). For a few bucket counts around the current one it prints
+:mod:`planning.prometheus`). For a few bucket counts around the current one it prints
 the least-padding context-encoding and token-generation lists
 (:func:`bucketing.plan_buckets`), their padding on the sample next to the current lists', the
 relative prefill cost of each context-encoding list, and the flags that set them.
 
 From a Prometheus text the sample is the histograms ``ragserve_prompt_length_tokens`` and
-``ragserve_decode_context_length_tokens`` (:mod:`server.length_histograms`), summed over their
+``ragserve_decode_context_length_tokens`` (:mod:`planning.length_histograms`), summed over their
 label sets (replicas; dumps of several servers concatenated); ``--model`` picks one
 ``model_name`` where there are several. From a Prometheus server they are summed over the
 replicas by the queries; their increase is extrapolated, so the cumulative counts are made
@@ -34,8 +34,10 @@ server's own one-prompt prefill steps when it timed at least 3 bucket lengths
 (``prefill_seconds_by_bucket`` in ``GET /v1/buckets``), else it is the device's documented
 default (:func:`bucketing.cost.default_cost`: the benchmark's fit on CPU, padded tokens where
 no fit is known); ``--cost-model tokens`` forces padded tokens. The plans still minimise padding,
-not this cost; decode cost is not modelled. Standard library and prometheus_client only (no
-torch): it runs anywhere the server's URL is reachable.
+not this cost; decode cost is not modelled. It imports bucketing, prometheus_client and the
+standard library only, never the server (the flags, variables and devices it names are
+bucketing's: :data:`bucketing.CONTEXT_ENCODING_FLAG`, :data:`bucketing.cost.DEVICES`), and no
+torch: it runs anywhere the server's URL is reachable.
 """
 
 from __future__ import annotations
@@ -52,11 +54,27 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bucketing import generate_buckets, generate_dense_buckets, padding_ratio, plan_buckets
-from bucketing.cost import TOKENS, PrefillCost, PrefillTimes, default_cost, fit_cost, relative_cost
+from bucketing import (
+    CONTEXT_ENCODING_ENV,
+    CONTEXT_ENCODING_FLAG,
+    TOKEN_GENERATION_ENV,
+    TOKEN_GENERATION_FLAG,
+    BucketConfig,
+    padding_ratio,
+    plan_buckets,
+)
+from bucketing.cost import (
+    DEVICES,
+    TOKENS,
+    PrefillCost,
+    PrefillTimes,
+    default_cost,
+    fit_cost,
+    relative_cost,
+)
 from bucketing.histogram import Lengths
 from bucketing.sample import LengthSample, SampleError
-from server.length_histograms import (
+from planning.length_histograms import (
     CONTEXT,
     PROMPT,
     ExposedLengths,
@@ -64,7 +82,7 @@ from server.length_histograms import (
     is_exposition,
     read_exposition,
 )
-from server.prometheus_query import (
+from planning.prometheus import (
     DEFAULT_WINDOW,
     PrometheusError,
     Window,
@@ -72,11 +90,6 @@ from server.prometheus_query import (
     read_window,
 )
 
-#: the serve flags and their variables (server.config.env_name; not imported: it loads torch)
-CE_FLAG, TG_FLAG = "--context-encoding-buckets", "--token-generation-buckets"
-CE_ENV, TG_ENV = "RAGSERVE_CONTEXT_ENCODING_BUCKETS", "RAGSERVE_TOKEN_GENERATION_BUCKETS"
-DEVICES = ("cpu", "cuda", "neuron")  # server.config.DEVICES
-DEFAULT_MIN_BUCKET = 128
 MAX_ALIGN = 64
 #: timed prefill bucket lengths needed to fit c + a*L + b*L^2 to a server's steps
 MIN_FIT_BUCKETS = 3
@@ -144,7 +157,7 @@ def source_from_json(obj: Any) -> Source:
 
 def source_from_exposition(text: str, model: str | None = None) -> Source:
     """A :class:`Source` from a Prometheus text exposition's length histograms
-    (:func:`server.length_histograms.read_exposition`); its ``max_model_len`` is their last
+    (:func:`planning.length_histograms.read_exposition`); its ``max_model_len`` is their last
     bound."""
     try:
         h = read_exposition(text, model)
@@ -196,7 +209,7 @@ def fetch_exposition(url: str, api_key: str | None, model: str | None = None,
 def fetch_window(url: str, window: str | None, model: str | None = None,
                  token: str | None = None, timeout: float = 30.0) -> Source:
     """The histograms' increase over ``window`` from a Prometheus server's HTTP API
-    (:func:`server.prometheus_query.read_window`), as a :class:`Source`."""
+    (:func:`planning.prometheus.read_window`), as a :class:`Source`."""
     try:
         h, w = read_window(url, window or DEFAULT_WINDOW, model, token, timeout)
     except PrometheusError as e:
@@ -429,11 +442,11 @@ def plan(src: Source, ks: Sequence[int] | None = None, align: int | None = None,
     }
     for key, lengths, current, default, max_len, flag, env, phase_cost in (
             ("context_encoding", prompts, ce,
-             generate_dense_buckets(min(DEFAULT_MIN_BUCKET, ce_max), ce_max), ce_max,
-             CE_FLAG, CE_ENV, cost),
+             list(BucketConfig.default(ce_max, 1).context_encoding_buckets), ce_max,
+             CONTEXT_ENCODING_FLAG, CONTEXT_ENCODING_ENV, cost),
             ("token_generation", contexts, tg,
-             generate_buckets(min(DEFAULT_MIN_BUCKET, tg_max), tg_max), tg_max, TG_FLAG,
-             TG_ENV, None)):
+             list(BucketConfig.default(tg_max, 1).token_generation_buckets), tg_max,
+             TOKEN_GENERATION_FLAG, TOKEN_GENERATION_ENV, None)):
         if not len(lengths):
             report[key] = None
             continue

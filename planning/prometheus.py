@@ -1,7 +1,7 @@
 """The length histograms over a time window, from the Prometheus HTTP API.
 
 ``ragserve buckets plan --from prometheus+http://prom:9090 --window 7d`` reads the two length
-histograms of :mod:`server.length_histograms` as Prometheus holds them for every replica,
+histograms of :mod:`planning.length_histograms` as Prometheus holds them for every replica,
 across restarts: per histogram, three instant queries (``GET {base}/api/v1/query``)::
 
     sum by (le) (increase(ragserve_prompt_length_tokens_bucket{model_name="M"}[7d]))
@@ -9,7 +9,7 @@ across restarts: per histogram, three instant queries (``GET {base}/api/v1/query
     sum(increase(ragserve_prompt_length_tokens_count{model_name="M"}[7d]))
 
 Without a model the sums are ``by (le, model_name)`` and ``by (model_name)``, so that lengths
-of several models are not added up (:func:`server.length_histograms.from_series` then asks for
+of several models are not added up (:func:`planning.length_histograms.from_series` then asks for
 one, as for a text). ``increase()`` extrapolates to the window's edges, so its counts are not
 whole numbers: each histogram's cumulative counts are made non-decreasing (each raised to the
 largest before it) and then rounded to the nearest integer; :class:`Window` counts how many
@@ -27,7 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from server.length_histograms import (
+from planning.length_histograms import (
     CONTEXT,
     MODEL_LABEL,
     PROMPT,
@@ -198,7 +198,7 @@ def read_window(url: str, window: str = DEFAULT_WINDOW, model: str | None = None
                 ) -> tuple[ExposedLengths, Window]:
     """The two histograms' increase over ``window`` at the Prometheus of ``url``
     (``prometheus+http(s)://host:port[/prefix]``), summed over replicas, as
-    :func:`server.length_histograms.read_exposition` gives them for a text."""
+    :func:`planning.length_histograms.read_exposition` gives them for a text."""
     check_window(window)
     base = (url[len(SCHEME):] if url.startswith(SCHEME) else url).rstrip("/")
     series, run = [], []
