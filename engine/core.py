@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class Engine:
         from runtime.backends.torch_backend import TorchBackend
         from runtime.loader import load_model, resolve_kv_cache_dtype
         from runtime.runner import ModelRunner
+        from runtime.structured import GrammarCompiler
 
         loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
                             cache_dir=cfg.cache_dir, chat_template=cfg.chat_template)
@@ -114,7 +116,12 @@ class Engine:
         scheduler = Scheduler(buckets, loaded.eos_token_ids, cfg.max_prefill_streak,
                               mixed=backend.runs_mixed,
                               max_num_batched_tokens=cfg.max_num_batched_tokens)
-        return cls(scheduler, ModelRunner(backend), loaded.tokenizer, loaded.name)
+        grammars = GrammarCompiler(loaded.tokenizer, loaded.args.vocab_size,
+                                   loaded.eos_token_ids)
+        if cfg.warmup:  # xgrammar's tokenizer table (0.2-0.7 s) off the first request's path
+            threading.Thread(target=grammars.warm, name="grammar-warmup", daemon=True).start()
+        return cls(scheduler, ModelRunner(backend, grammars=grammars), loaded.tokenizer,
+                   loaded.name)
 
     @classmethod
     def _from_config_neuron(cls, cfg: EngineConfig,
@@ -131,6 +138,7 @@ class Engine:
             resolve_model,
         )
         from runtime.runner import ModelRunner
+        from runtime.structured import GrammarCompiler
 
         if cfg.kernels not in ("", "auto"):
             raise ValueError("--kernels applies to the PyTorch backend (cpu, cuda); on Neuron "
@@ -148,9 +156,10 @@ class Engine:
         backend = neuron.build_backend(
             resolved.path, buckets, settings, cache_dir=cfg.cache_dir or default_cache_dir(),
             vocab_size=int(hf["vocab_size"]), warmup=cfg.warmup, on_progress=on_progress)
-        scheduler = Scheduler(buckets, eos_token_ids(resolved.path, tokenizer),
-                              cfg.max_prefill_streak)
-        return cls(scheduler, ModelRunner(backend), tokenizer, resolved.name)
+        eos = eos_token_ids(resolved.path, tokenizer)
+        scheduler = Scheduler(buckets, eos, cfg.max_prefill_streak)
+        grammars = GrammarCompiler(tokenizer, int(hf["vocab_size"]), eos)
+        return cls(scheduler, ModelRunner(backend, grammars=grammars), tokenizer, resolved.name)
 
     # -- requests ------------------------------------------------------------------------
 
@@ -172,6 +181,7 @@ class Engine:
         rid = request_id or f"req-{next(self._ids)}"
         ids = self.encode_prompt(prompt, chat)
         arrival = time.monotonic() if arrival_time is None else arrival_time
+        self.runner.prepare(rid, params)
         self.scheduler.add_request(GenerationRequest(rid, tuple(ids), params, arrival))
         self.output.add(rid, ids, params)
         return rid

@@ -9,7 +9,8 @@ import torch
 from bucketing import Bucket
 from runtime.backends import Backend
 from runtime.sampler import RequestState, Sampler
-from scheduler import ModelRunnerOutput, SchedulerOutput
+from runtime.structured import GrammarCompiler, GrammarMatcher
+from scheduler import ModelRunnerOutput, SamplingParams, SchedulerOutput
 
 
 @dataclass(frozen=True)
@@ -114,18 +115,39 @@ class ModelRunner:
     """Keeps per-request sampling state, packs each step into its bucket, runs the backend and
     samples. Plain lists leave; no tensor crosses into the scheduler."""
 
-    def __init__(self, backend: Backend, sampler: Sampler | None = None) -> None:
+    def __init__(self, backend: Backend, sampler: Sampler | None = None,
+                 grammars: GrammarCompiler | None = None) -> None:
         self.backend = backend
         self.sampler = sampler or Sampler()
+        self.grammars = grammars
         self.states: dict[str, RequestState] = {}
+        self._compiled: dict[str, object] = {}  # request id -> its grammar, until it runs
+
+    def prepare(self, request_id: str, params: SamplingParams) -> None:
+        """Check what only the runner can before a request is queued: its logit-bias ids fit
+        the logits, its structured-output constraint compiles (cached per spec). Raises
+        ValueError naming the problem; nothing is kept for a request that fails."""
+        vocab = self.grammars.vocab_size if self.grammars else None
+        if vocab is not None:
+            bad = [t for t, _ in params.logit_bias if t >= vocab]
+            if bad:
+                raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary "
+                                 f"(0..{vocab - 1})")
+        if params.structured is not None:
+            if self.grammars is None:
+                raise ValueError("structured outputs need the model's tokenizer; this runner "
+                                 "was built without one")
+            self._compiled[request_id] = self.grammars.compile(params.structured)
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         for rid in out.finished_request_ids:
             self.states.pop(rid, None)
+            self._compiled.pop(rid, None)  # aborted before it ran
         for new in out.new_requests:
+            compiled = self._compiled.pop(new.request_id, None)
             self.states[new.request_id] = RequestState.create(
-                new.sampling_params, new.prompt_token_ids, self.backend.device
-            )
+                new.sampling_params, new.prompt_token_ids, self.backend.device,
+                GrammarMatcher(compiled) if compiled is not None else None)
         backend = self.backend
         batch: BucketedBatch | RaggedBatch
         if out.is_prefill and backend.runs_mixed:  # prompts, maybe with decode rows
@@ -146,6 +168,9 @@ class ModelRunner:
         sampled = self.sampler(logits, states)
         for st, tok in zip(states, sampled.token_ids):
             st.output_token_ids.append(tok)
+            if st.matcher is not None and not st.matcher.accept(tok):
+                # the mask allowed only what the grammar accepts: a refusal here is a bug
+                raise RuntimeError(f"the grammar refused token {tok} that its mask allowed")
         return ModelRunnerOutput(
             request_ids=[r.request_id for r in rows],
             sampled_token_ids=sampled.token_ids,

@@ -1,7 +1,8 @@
 """Token sampling, vectorized across the batch.
 
-Order of operations (vLLM's): penalties -> greedy argmax, or temperature -> top-k / top-p ->
-min-p -> sample. Logprobs are taken from the raw logits (vLLM's default ``raw_logprobs``).
+Order of operations (vLLM's): penalties -> logit bias -> the structured-output mask -> greedy
+argmax, or temperature -> top-k / top-p -> min-p -> sample. Logprobs are taken from the raw
+logits (vLLM's default ``raw_logprobs``).
 
 Sampling inverts each row's CDF at one uniform draw: the batch draws its uniforms together, and
 rows with a ``seed`` draw theirs from their own generator, so a seeded request gives the same
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from runtime.structured import GrammarMatcher, allocate_bitmask, apply_bitmask
 from scheduler import SamplingParams, TokenLogprobs
 
 
@@ -27,15 +29,16 @@ class RequestState:
     prompt_token_ids: tuple[int, ...]
     output_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    matcher: GrammarMatcher | None = None  # the structured-output constraint, if any
 
     @classmethod
     def create(cls, params: SamplingParams, prompt_token_ids: Sequence[int],
-               device: torch.device) -> RequestState:
+               device: torch.device, matcher: GrammarMatcher | None = None) -> RequestState:
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=device)
             gen.manual_seed(params.seed % 2**64)
-        return cls(params, tuple(prompt_token_ids), [], gen)
+        return cls(params, tuple(prompt_token_ids), [], gen, matcher)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,31 @@ def apply_penalties(logits: torch.Tensor, states: Sequence[RequestState]) -> tor
     penalized = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalized, logits)
     return logits - freq * out_counts - pres * (out_counts > 0).to(logits.dtype)
+
+
+def apply_logit_bias(logits: torch.Tensor, states: Sequence[RequestState]) -> torch.Tensor:
+    """OpenAI's ``logit_bias``: each listed token's logit plus its bias, per row. Token ids past
+    the logits' width (a tokenizer larger than the model's output) are refused by the server."""
+    rows, cols, vals = [], [], []
+    for i, st in enumerate(states):
+        for tok, bias in st.params.logit_bias:
+            rows.append(i)
+            cols.append(tok)
+            vals.append(bias)
+    return logits.index_put((torch.tensor(rows, device=logits.device),
+                             torch.tensor(cols, device=logits.device)),
+                            torch.tensor(vals, dtype=logits.dtype, device=logits.device),
+                            accumulate=True)
+
+
+def apply_grammars(logits: torch.Tensor, states: Sequence[RequestState]) -> torch.Tensor:
+    """Each constrained row's tokens outside its grammar to -inf (in place on a copy)."""
+    rows = [i for i, st in enumerate(states) if st.matcher is not None]
+    bitmask = allocate_bitmask(len(states), logits.shape[-1])
+    for i in rows:
+        states[i].matcher.fill(bitmask, i)
+    apply_bitmask(logits, bitmask, rows)
+    return logits
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
@@ -168,6 +196,10 @@ class Sampler:
         raw = logits
         if any(p.has_penalties for p in params):
             logits = apply_penalties(logits, states)
+        if any(p.logit_bias for p in params):
+            logits = apply_logit_bias(logits, states)
+        if any(s.matcher is not None for s in states):
+            logits = apply_grammars(logits.clone() if logits is raw else logits, states)
         greedy = [p.greedy for p in params]
         if all(greedy):
             tokens = logits.argmax(dim=-1)

@@ -14,6 +14,8 @@ from scheduler.request import (
     Request,
     RequestStatus,
     SamplingParams,
+    StructuredKind,
+    StructuredOutput,
 )
 from scheduler.scheduler import (
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
@@ -41,6 +43,8 @@ __all__ = [
     "SchedulerStats",
     "SlotPool",
     "StepOutput",
+    "StructuredKind",
+    "StructuredOutput",
     "TokenLogprobs",
     "check_fits",
 ]

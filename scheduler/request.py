@@ -48,6 +48,28 @@ _STATUS_FOR_REASON = {
 _REASON_FOR_STATUS = {v: k for k, v in _STATUS_FOR_REASON.items()}
 
 
+class StructuredKind(str, enum.Enum):
+    """What constrains a structured output: vLLM's ``structured_outputs`` fields."""
+
+    JSON = "json"  # a JSON schema (``spec`` is its JSON text)
+    JSON_OBJECT = "json_object"  # any JSON object (``spec`` is empty)
+    REGEX = "regex"
+    CHOICE = "choice"  # ``spec`` is a JSON list of the allowed strings
+    GRAMMAR = "grammar"  # EBNF (GBNF-style) grammar text
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on a request's output tokens, as text: it crosses to the engine process,
+    which compiles it against its own tokenizer (``runtime/structured.py``)."""
+
+    kind: StructuredKind
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", StructuredKind(self.kind))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop; the fields and meanings of vLLM's SamplingParams.
@@ -73,8 +95,11 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    structured: StructuredOutput | None = None
 
     MAX_LOGPROBS = 20
+    MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 (ban) .. 100 (force)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -102,6 +127,17 @@ class SamplingParams:
         _check(all(s for s in self.stop), "stop", "must not contain empty strings")
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be >= 0")
         _check(self.seed is None or -(2**63) <= self.seed < 2**64, "seed", "must fit in 64 bits")
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b))
+                                                     for t, b in self.logit_bias))
+        _check(all(t >= 0 for t, _ in self.logit_bias), "logit_bias", "token ids must be >= 0")
+        # the grammar decides where a structured output ends: it allows EOS only there
+        _check(self.structured is None or not self.ignore_eos, "ignore_eos",
+               "cannot be combined with a structured output")
+        _check(self.structured is None or not self.min_tokens, "min_tokens",
+               "cannot be combined with a structured output")
+        _check(all(_finite(b) and abs(b) <= self.MAX_LOGIT_BIAS for _, b in self.logit_bias),
+               "logit_bias", f"values must be in [-{self.MAX_LOGIT_BIAS:g}, "
+               f"{self.MAX_LOGIT_BIAS:g}]")
 
     @property
     def greedy(self) -> bool:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from engine.client import ModelInfo
-from scheduler import RequestTooLongError, SamplingParams
+from scheduler import RequestTooLongError, SamplingParams, StructuredOutput
 from server.errors import APIError, bad_request
 from server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 
@@ -103,15 +103,9 @@ def echo_texts(tokenizer: Any, prompt: str | list[str] | list[int] | list[list[i
 
 def check_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
     """OpenAI fields ragserve cannot honour: a 400 saying so, never silently ignored."""
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported", "logit_bias")
     if isinstance(req, ChatCompletionRequest):
         if req.tools or req.tool_choice not in (None, "none"):
             raise bad_request("tool calling is not supported", "tools")
-        fmt = (req.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise bad_request(f"response_format {fmt!r} is not supported (text only)",
-                              "response_format")
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     else:
@@ -124,9 +118,30 @@ def check_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
                               "computed)", "echo")
 
 
+def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` (token ids as JSON object keys) as (id, bias) pairs, or a 400.
+
+    >>> logit_bias({"15": -100, "7": 2.5}, 100)
+    ((15, -100.0), (7, 2.5))
+    """
+    out = []
+    for key, value in (bias or {}).items():
+        try:
+            tok = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias key {key!r} is not a token id", "logit_bias") from None
+        if not 0 <= tok < vocab_size:
+            raise bad_request(f"logit_bias token id {tok} is outside the vocabulary "
+                              f"(0..{vocab_size - 1})", "logit_bias")
+        out.append((tok, float(value)))
+    return tuple(out)
+
+
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: int,
-                    limits: ModelInfo, seed_offset: int = 0) -> SamplingParams:
-    """SamplingParams for one choice; raises a 400 naming the field or the length limit."""
+                    limits: ModelInfo, seed_offset: int = 0,
+                    structured: StructuredOutput | None = None) -> SamplingParams:
+    """SamplingParams for one choice; raises a 400 naming the field or the length limit.
+    ``structured``: the output's constraint (checked by :mod:`server.structured`)."""
     if isinstance(req, ChatCompletionRequest):
         max_tokens = req.max_completion_tokens or req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -159,6 +174,8 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: 
             logprobs=logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens,
+            logit_bias=logit_bias(req.logit_bias, limits.vocab_size),
+            structured=structured,
         )
     except ValueError as e:
         raise bad_request(str(e), str(e).split(" ", 1)[0]) from None

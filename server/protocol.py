@@ -3,9 +3,8 @@
 Requests forbid unknown fields: a field ragserve does not understand is a 400 that names it,
 never silently ignored. Their types are strict (JSON's: no coercion of `false` to 0 or of 0 to
 `false`), as the OpenAPI document says. Fields OpenAI defines that ragserve cannot honour
-(tools, logit_bias, response_format other than text, ...) are accepted by the schema and
-rejected with a 400 by :mod:`server.preprocess`, so the message says what is not supported
-rather than "unknown".
+(tools, ``suffix``, ``best_of``, ...) are accepted by the schema and rejected with a 400 by
+:mod:`server.preprocess`, so the message says what is not supported rather than "unknown".
 """
 
 from __future__ import annotations
@@ -56,6 +55,34 @@ class ChatMessage(Open):
     name: str | None = None
 
 
+class JSONSchemaFormat(Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+
+class ResponseFormat(Strict):
+    """OpenAI's ``response_format``: text, any JSON object, or JSON that matches a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputsOptions(Strict):
+    """vLLM's ``structured_outputs``: exactly one constraint."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+
 class SamplingFields(Strict):
     """Sampling fields shared by chat and completions (OpenAI's, then vLLM's extras)."""
 
@@ -81,6 +108,13 @@ class SamplingFields(Strict):
     min_tokens: int = Field(default=0, ge=0)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured outputs: OpenAI's field, vLLM's, and vLLM's older aliases (server.structured)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsOptions | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
@@ -118,7 +152,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None

@@ -16,8 +16,9 @@ from typing import Any
 
 from fastapi import Request
 
+from engine.client import ModelInfo
 from engine.output import RequestOutput
-from scheduler import FinishReason, SamplingParams
+from scheduler import FinishReason, SamplingParams, StructuredOutput
 from server.admission import KEEPALIVE, KEEPALIVE_SECONDS, Admission, KeepAlive, first_within
 from server.errors import (
     GENERATION_ERRORS,
@@ -26,8 +27,9 @@ from server.errors import (
     engine_step_failed,
 )
 from server.metrics import Metrics
-from server.protocol import Usage
+from server.protocol import ChatCompletionRequest, CompletionRequest, Usage
 from server.serving_models import OpenAIServingModels
+from server.structured import structured_from_request
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -135,6 +137,17 @@ class OpenAIServing:
         self.config = models.config
         self.admission = admission
         self.metrics = metrics
+
+    async def constraint(self, req: ChatCompletionRequest | CompletionRequest,
+                         info: ModelInfo) -> StructuredOutput | None:
+        """The request's structured-output constraint, compiled once off the event loop
+        (:mod:`server.structured`); a 400 naming the field if it cannot be enforced."""
+        found = structured_from_request(req)
+        if found is None:
+            return None
+        so, param = found
+        await self.models.structured.check(info.tokenizer, so, param)
+        return so
 
     # -- admission -----------------------------------------------------------------------
 

@@ -54,7 +54,8 @@ class OpenAIServingChat(OpenAIServing):
         rag = await self._rag_prompt(req, info) if req.rag is not None else None
         ids = rag.prompt_ids if rag else chat_prompt_ids(info.tokenizer, req,
                                                          self.models.chat_template)
-        params = [sampling_params(req, len(ids), info, i) for i in range(req.n)]
+        structured = await self.constraint(req, info)
+        params = [sampling_params(req, len(ids), info, i, structured) for i in range(req.n)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = self.submit(rid, [ids], [params], arrival)
         if req.stream:

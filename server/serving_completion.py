@@ -36,8 +36,9 @@ class OpenAIServingCompletion(OpenAIServing):
         info = self.models.admit(req.model)
         check_unsupported(req)
         self.precheck_queue(req.n * len(prompt_list(req.prompt)))
+        structured = await self.constraint(req, info)
         prompts = completion_prompts(info.tokenizer, req.prompt)
-        params = [[sampling_params(req, len(ids), info, j) for j in range(req.n)]
+        params = [[sampling_params(req, len(ids), info, j, structured) for j in range(req.n)]
                   for ids in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = self.submit(rid, prompts, params, arrival)

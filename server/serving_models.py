@@ -26,6 +26,7 @@ from server.protocol import (
     ReadyResponse,
 )
 from server.rag import RAGService
+from server.structured import StructuredChecker
 
 
 class OpenAIServingModels:
@@ -39,6 +40,8 @@ class OpenAIServingModels:
         self.chat_template = config.chat_template_text()
         #: finished requests' lengths, for GET /v1/buckets (bucket planning)
         self.lengths = LengthSample()
+        #: compiles structured-output constraints before they are queued (either engine)
+        self.structured = StructuredChecker()
 
     @property
     def model_name(self) -> str:

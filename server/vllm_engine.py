@@ -60,7 +60,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,7 +75,13 @@ from engine.client import (
     ModelInfo,
 )
 from engine.output import RequestOutput
-from scheduler import FinishReason, SamplingParams, TokenLogprobs
+from scheduler import (
+    FinishReason,
+    SamplingParams,
+    StructuredKind,
+    StructuredOutput,
+    TokenLogprobs,
+)
 from server.config import ConfigError, ServerConfig
 
 log = logging.getLogger(__name__)
@@ -252,6 +258,30 @@ class _VLLM:
     dead_error: type[BaseException]
     platform: Any
     registry: Any
+    structured: Callable[[StructuredOutput], dict[str, Any]]
+    structured_config: Callable[[], Any] | None  # the engine's, where it is an object
+
+
+def structured_kwargs(params_cls: Any, field: str) -> Callable[[StructuredOutput], dict[str, Any]]:
+    """``StructuredOutput`` -> the SamplingParams keyword vLLM has: ``structured_outputs=
+    StructuredOutputsParams(...)`` (0.11+) or ``guided_decoding=GuidedDecodingParams(...)``
+    (older). Whitespace is not free in either: ragserve's engine allows none (small models
+    given free whitespace spend max_tokens on it), so vLLM's gets the same."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(params_cls)}
+
+    def make(so: StructuredOutput) -> dict[str, Any]:
+        kind = so.kind
+        value: Any = True if kind is StructuredKind.JSON_OBJECT else (
+            json.loads(so.spec) if kind in (StructuredKind.JSON, StructuredKind.CHOICE)
+            else so.spec)
+        kw: dict[str, Any] = {kind.value: value}
+        if "disable_any_whitespace" in names:
+            kw["disable_any_whitespace"] = True
+        return {field: params_cls(**kw)}
+
+    return make
 
 
 def import_vllm() -> _VLLM:
@@ -279,6 +309,23 @@ def import_vllm() -> _VLLM:
 
         def make_prompt(ids: list[int]) -> Any:
             return TokensPrompt(prompt_token_ids=ids)
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        structured = structured_kwargs(StructuredOutputsParams, "structured_outputs")
+    except ImportError:  # before 0.11
+        from vllm.sampling_params import GuidedDecodingParams
+
+        structured = structured_kwargs(GuidedDecodingParams, "guided_decoding")
+    try:
+        from vllm.config import StructuredOutputsConfig
+
+        def structured_config() -> Any:
+            # vLLM reads whitespace from its engine config, not from the request; xgrammar is
+            # the library ragserve's own check compiles with (server/structured.py)
+            return StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
+    except ImportError:
+        structured_config = None
     client_errors: list[type[BaseException]] = [ValueError]
     try:
         from vllm import exceptions as vexc
@@ -292,7 +339,8 @@ def import_vllm() -> _VLLM:
         AsyncLLM=AsyncLLM, SamplingParams=vllm.SamplingParams, DELTA=RequestOutputKind.DELTA,
         usage_context=UsageContext.OPENAI_API_SERVER, make_prompt=make_prompt,
         client_errors=tuple(client_errors), dead_error=EngineDeadError,
-        platform=current_platform, registry=get_prometheus_registry())
+        platform=current_platform, registry=get_prometheus_registry(), structured=structured,
+        structured_config=structured_config)
 
 
 def engine_arg_fields(cls: Any) -> set[str]:
@@ -361,6 +409,11 @@ class VLLMEngine:
             model, name = self._resolve_model()
             served = self.config.served_model_name or name
             kw = engine_kwargs(self.config, model, served, self._fields)
+            if "structured_outputs_config" in self._fields and self.v.structured_config and \
+                    "structured_outputs_config" not in kw:
+                kw["structured_outputs_config"] = self.v.structured_config()
+            elif "guided_decoding_disable_any_whitespace" in self._fields:  # before 0.11
+                kw.setdefault("guided_decoding_disable_any_whitespace", True)
             log.info("vLLM %s engine: %s", self.v.version,
                      ", ".join(f"{k}={v!r}" for k, v in kw.items()))
             os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # self-hosted: no phone-home
@@ -438,7 +491,9 @@ class VLLMEngine:
             stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
             min_tokens=p.min_tokens, logprobs=p.logprobs,
             include_stop_str_in_output=p.include_stop_str_in_output,
-            skip_special_tokens=p.skip_special_tokens, output_kind=self.v.DELTA)
+            skip_special_tokens=p.skip_special_tokens, output_kind=self.v.DELTA,
+            logit_bias=dict(p.logit_bias) or None,
+            **(self.v.structured(p.structured) if p.structured is not None else {}))
 
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
                        params: SamplingParams, arrival: float | None = None

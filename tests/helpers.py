@@ -226,6 +226,7 @@ class PoisonRunner:
     def __init__(self, runner: object) -> None:
         self.runner = runner
         self.backend = runner.backend
+        self.prepare = runner.prepare
 
     def execute(self, out):
         if any(POISON in n.prompt_token_ids for n in out.new_requests):

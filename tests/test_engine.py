@@ -19,6 +19,9 @@ class ScriptedRunner:
         self.sampled: dict[str, int] = {}
         self.seen_finished: set[str] = set()
 
+    def prepare(self, request_id: str, params: SamplingParams) -> None:
+        pass
+
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self.steps += 1
         self.seen_finished |= out.finished_request_ids

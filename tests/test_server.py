@@ -177,7 +177,7 @@ def test_sse_wire_format(server: str):
 @pytest.mark.parametrize(("body", "param", "text"), [
     ({"temperature": -1}, "temperature", "greater than or equal to 0"),
     ({"foo": 1}, "foo", "Unrecognized request argument supplied: foo"),
-    ({"logit_bias": {"1": 2}}, "logit_bias", "logit_bias is not supported"),
+    ({"logit_bias": {"one": 2}}, "logit_bias", "logit_bias key 'one' is not a token id"),
     ({"top_logprobs": 2}, "top_logprobs", "requires logprobs"),
     ({"max_tokens": 1000}, "max_tokens", "exceeds max_model_len (256)"),
     ({"messages": []}, "messages", "at least 1"),

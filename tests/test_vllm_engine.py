@@ -24,7 +24,7 @@ import pytest
 from serverutil import ThreadServer, wait_ready
 
 from engine.client import EngineDead, EngineRequestError, EngineState
-from scheduler import FinishReason, SamplingParams
+from scheduler import FinishReason, SamplingParams, StructuredKind, StructuredOutput
 from server.config import ConfigError, ServerConfig
 from server.vllm_engine import (
     _VLLM,
@@ -32,6 +32,7 @@ from server.vllm_engine import (
     VLLMEngine,
     engine_kwargs,
     platform_device,
+    structured_kwargs,
     token_logprobs,
 )
 
@@ -254,6 +255,41 @@ class FakeLLM:
         self.shut = True
 
 
+@dataclasses.dataclass
+class FakeStructuredOutputsParams:  # vLLM 0.11+'s fields
+    json: Any = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+
+@dataclasses.dataclass
+class FakeGuidedDecodingParams:  # older: no per-request whitespace switch
+    json: Any = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+def test_structured_outputs_map_to_the_installed_vllms_parameters():
+    new = structured_kwargs(FakeStructuredOutputsParams, "structured_outputs")
+    schema = {"type": "object"}
+    assert new(StructuredOutput(StructuredKind.JSON, json.dumps(schema))) == {
+        "structured_outputs": FakeStructuredOutputsParams(json=schema,
+                                                          disable_any_whitespace=True)}
+    assert new(StructuredOutput(StructuredKind.CHOICE, '["a", "b"]'))[
+        "structured_outputs"].choice == ["a", "b"]
+    assert new(StructuredOutput(StructuredKind.JSON_OBJECT))["structured_outputs"].json_object
+    old = structured_kwargs(FakeGuidedDecodingParams, "guided_decoding")
+    assert old(StructuredOutput(StructuredKind.REGEX, "a+")) == {
+        "guided_decoding": FakeGuidedDecodingParams(regex="a+")}
+    assert old(StructuredOutput(StructuredKind.GRAMMAR, "root ::= \"x\""))[
+        "guided_decoding"].grammar == 'root ::= "x"'
+
+
 def fake_vllm(tokenizer: Any = None, platform: Any = None) -> _VLLM:
     def from_engine_args(args: FakeArgs, usage_context: Any = None) -> FakeLLM:
         return FakeLLM(args, tokenizer)
@@ -264,7 +300,9 @@ def fake_vllm(tokenizer: Any = None, platform: Any = None) -> _VLLM:
                  usage_context="OPENAI_API_SERVER",
                  make_prompt=lambda ids: {"type": "token", "prompt_token_ids": ids},
                  client_errors=(ValueError,), dead_error=DeadError,
-                 platform=platform or CpuPlatform(), registry=None)
+                 platform=platform or CpuPlatform(), registry=None,
+                 structured=structured_kwargs(FakeStructuredOutputsParams, "structured_outputs"),
+                 structured_config=None)
 
 
 @pytest.fixture
