@@ -72,7 +72,7 @@ $(DEMO_INDEX)/CURRENT: $(wildcard docs/*.md) | $(STAMP)
 	$(VENV)/bin/ragserve index build docs --out $(DEMO_INDEX)
 
 serve: $(STAMP) $(DEMO_INDEX)/CURRENT
-	$(VENV)/bin/ragserve serve --index $(DEMO_INDEX)
+	$(VENV)/bin/ragserve serve --index $(DEMO_INDEX) --enable-auto-tool-choice --tool-call-parser hermes
 
 generate: $(STAMP)
 	$(VENV)/bin/ragserve generate --prompt "$(or $(PROMPT),What is continuous batching?)"

@@ -34,6 +34,8 @@ SAGEMAKER_PORT = "SAGEMAKER_BIND_TO_PORT"
 ENGINES = ("ragserve", "vllm")
 GROUNDING_MODES = ("report", "strip", "off")
 CITATION_POLICIES = ("auto", "model", "attribute")
+#: vLLM's names for the formats server/tool_parsers.py reads (vLLM's own parsers on its engine)
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic")
 
 
 class ConfigError(ValueError):
@@ -113,6 +115,8 @@ class ServerConfig:
     grounding_threshold: float = 0.65
     rag_citations: str = "auto"
     attribution_threshold: float = 0.55
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535, "--port", f"must be in 1..65535, got {self.port}")
@@ -168,6 +172,11 @@ class ServerConfig:
                  f"must be in -1..1 (a cosine), got {self.grounding_threshold}")
         _require(self.index is None or self.index.is_dir(), "--index",
                  f"{self.index} is not a directory (build one with `ragserve index build`)")
+        _require(self.tool_call_parser in (None, *TOOL_CALL_PARSERS), "--tool-call-parser",
+                 f"must be one of {TOOL_CALL_PARSERS}, got {self.tool_call_parser!r}")
+        _require(not self.enable_auto_tool_choice or self.tool_call_parser is not None,
+                 "--enable-auto-tool-choice", "needs --tool-call-parser (the format the "
+                 "model writes its calls in)")
         _require(self.log_level in ("critical", "error", "warning", "info", "debug"),
                  "--log-level", f"must be critical, error, warning, info or debug, got "
                  f"{self.log_level!r}")
@@ -309,6 +318,17 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--shutdown-grace-seconds", type=float, default=d.shutdown_grace_seconds,
                    help="on SIGTERM, how long in-flight requests may take to finish")
     s.add_argument("--log-level", default=d.log_level)
+    t = p.add_argument_group("tool calling")
+    t.add_argument("--enable-auto-tool-choice", type=_bool, nargs="?", const=True,
+                   default=d.enable_auto_tool_choice, metavar="BOOL",
+                   help='allow tool_choice "auto" (the default when a request has tools): the '
+                        "model decides, --tool-call-parser finds its calls. \"required\" and "
+                        "named functions work without it (the output is constrained)")
+    t.add_argument("--tool-call-parser", default=d.tool_call_parser, choices=TOOL_CALL_PARSERS,
+                   help="the format the model writes calls in, as vLLM names it: hermes "
+                        "(<tool_call> JSON, ChatML models), llama3_json (Llama 3.1 JSON), "
+                        "pythonic ([f(x=1)]). If the chat template ignores tools, requests with "
+                        "tools use ragserve's template for the format (hermes, llama3_json)")
     r = p.add_argument_group("retrieval-augmented generation")
     r.add_argument("--index", type=Path, default=d.index,
                    help="a `ragserve index build` directory: enables /v1/retrieve and `rag` in "

@@ -6,13 +6,20 @@ not fit the model or the largest prefill graph, bad sampling values.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
 from engine.client import ModelInfo
 from scheduler import RequestTooLongError, SamplingParams, StructuredOutput
 from server.errors import APIError, bad_request
-from server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    MessageToolCall,
+)
+from server.tools import check_tool_history
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
 
@@ -31,16 +38,35 @@ def message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
                                       "supported (text only)", "messages")
                 texts.append(part.text if hasattr(part, "text") else str(part.get("text", "")))
             content = "".join(texts)
-        d = {"role": m.role, "content": content or ""}
+        d: dict[str, Any] = {"role": m.role, "content": content or ""}
         if m.name is not None:
             d["name"] = m.name
+        if m.tool_calls and m.role == "assistant":
+            d["tool_calls"] = [_history_call(i, j, c) for j, c in enumerate(m.tool_calls)]
+        if m.role == "tool":
+            d["tool_call_id"] = m.tool_call_id
         out.append(d)
+    check_tool_history(out)
     return out
 
 
+def _history_call(i: int, j: int, call: MessageToolCall) -> dict[str, Any]:
+    """An earlier call as templates take it: ``arguments`` parsed (Hugging Face templates
+    render them with ``tojson``)."""
+    try:
+        args = json.loads(call.function.arguments)
+    except ValueError as e:
+        raise bad_request(f"messages[{i}].tool_calls[{j}].function.arguments is not valid "
+                          f"JSON: {e}", "messages") from None
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.function.name, "arguments": args}}
+
+
 def chat_prompt_ids(tokenizer: Any, req: ChatCompletionRequest, default_template: str | None,
-                    messages: list[dict[str, Any]] | None = None) -> list[int]:
-    """The chat prompt's token ids (``messages`` replaces the request's, e.g. with RAG)."""
+                    messages: list[dict[str, Any]] | None = None,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """The chat prompt's token ids (``messages`` replaces the request's, e.g. with RAG;
+    ``tools``: the functions the template shows the model, :mod:`server.tools`)."""
     template = req.chat_template or default_template or tokenizer.chat_template
     if template is None:
         raise bad_request("this model has no chat template: start the server with "
@@ -49,7 +75,8 @@ def chat_prompt_ids(tokenizer: Any, req: ChatCompletionRequest, default_template
         ids = tokenizer.apply_chat_template(
             message_dicts(req.messages) if messages is None else messages,
             chat_template=template, tokenize=True,
-            add_generation_prompt=req.add_generation_prompt)
+            add_generation_prompt=req.add_generation_prompt,
+            **({"tools": tools} if tools else {}))
     except APIError:
         raise
     except Exception as e:  # a template that raises on these messages is the client's 400
@@ -104,8 +131,8 @@ def echo_texts(tokenizer: Any, prompt: str | list[str] | list[int] | list[list[i
 def check_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
     """OpenAI fields ragserve cannot honour: a 400 saying so, never silently ignored."""
     if isinstance(req, ChatCompletionRequest):
-        if req.tools or req.tool_choice not in (None, "none"):
-            raise bad_request("tool calling is not supported", "tools")
+        if req.tools and req.rag is not None:
+            raise bad_request("tools cannot be combined with rag", "tools")
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     else:

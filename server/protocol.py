@@ -3,7 +3,7 @@
 Requests forbid unknown fields: a field ragserve does not understand is a 400 that names it,
 never silently ignored. Their types are strict (JSON's: no coercion of `false` to 0 or of 0 to
 `false`), as the OpenAPI document says. Fields OpenAI defines that ragserve cannot honour
-(tools, ``suffix``, ``best_of``, ...) are accepted by the schema and rejected with a 400 by
+(``suffix``, ``best_of``, ...) are accepted by the schema and rejected with a 400 by
 :mod:`server.preprocess`, so the message says what is not supported rather than "unknown".
 """
 
@@ -49,10 +49,25 @@ class TextPart(Strict):
     text: str
 
 
+class MessageFunctionCall(Open):
+    name: str
+    arguments: str = Field(description="JSON text of the arguments object")
+
+
+class MessageToolCall(Open):
+    """A call in an assistant message of the history (what the server sent back)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: MessageFunctionCall
+
+
 class ChatMessage(Open):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call this result answers
 
 
 class JSONSchemaFormat(Strict):
@@ -208,9 +223,36 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text of the arguments object")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A streamed piece of a call: the first has ``id``, ``type`` and the name, the rest
+    fragments of ``arguments`` (concatenated by ``index``)."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="null when the answer is only tool calls")
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -233,6 +275,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

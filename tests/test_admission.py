@@ -232,7 +232,8 @@ def test_refused_at_once_when_the_expected_wait_exceeds_the_bound(slow_server: s
     assert refused.status_code == 429 and elapsed < 1.0
     err = refused.json()["error"]
     assert err["code"] == "queue_wait_exceeded" and "--max-queue-wait 1 s" in err["message"]
-    assert 1 <= int(refused.headers["retry-after"]) <= 5
+    # about the running request's remaining service time (LONG steps), never absurd
+    assert 1 <= int(refused.headers["retry-after"]) <= 3 * LONG * STEP
     text = httpx.get(f"{slow_server}/metrics").text  # nothing left behind
     assert metric(text, "vllm:num_requests_running") == 0
     assert metric(text, "vllm:num_requests_waiting") == 0
