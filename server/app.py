@@ -20,12 +20,15 @@ from server.errors import HANDLED, api_error, error_response
 from server.metrics import Metrics
 from server.openapi import OPEN_PATHS, openapi_document
 from server.rag import RAGService
+from server.response_store import ResponseStore
 from server.routes import router
 from server.serving_chat import OpenAIServingChat
 from server.serving_completion import OpenAIServingCompletion
 from server.serving_models import OpenAIServingModels
+from server.serving_responses import OpenAIServingResponses
 from server.serving_retrieval import ServingRetrieval
 from server.serving_tokenization import OpenAIServingTokenization
+from server.serving_vector_stores import ServingVectorStores
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,18 @@ class ResponseCountMiddleware:
         return await self.app(scope, receive, counted)
 
 
+def responses_store(config: ServerConfig) -> ResponseStore:
+    """Stored responses: on disk under the cache dir unless --responses-store-persist false."""
+    from runtime.loader import default_cache_dir
+
+    path = None
+    if config.responses_store_persist:
+        path = config.responses_store_path or (
+            (config.cache_dir or default_cache_dir()) / "responses.sqlite3")
+    return ResponseStore(path, config.responses_store_max_count,
+                         config.responses_store_max_bytes)
+
+
 def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
               on_engine_failure: FailureCallback | None = None,
               engine: EngineClient | None = None) -> FastAPI:
@@ -152,6 +167,10 @@ def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
     app.state.serving_completion = OpenAIServingCompletion(models, admission, metrics)
     app.state.serving_tokenization = OpenAIServingTokenization(models)
     app.state.serving_retrieval = ServingRetrieval(models, rag)
+    app.state.serving_vector_stores = ServingVectorStores(rag)
+    app.state.serving_responses = OpenAIServingResponses(
+        models, admission, metrics, rag, responses_store(config),
+        app.state.serving_vector_stores)
     app.include_router(router)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
 

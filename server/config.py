@@ -117,6 +117,10 @@ class ServerConfig:
     attribution_threshold: float = 0.55
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    responses_store_max_count: int = 10_000
+    responses_store_max_bytes: int = 256 * 2**20
+    responses_store_path: Path | None = None  # None: <cache dir>/responses.sqlite3
+    responses_store_persist: bool = True
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535, "--port", f"must be in 1..65535, got {self.port}")
@@ -177,6 +181,10 @@ class ServerConfig:
         _require(not self.enable_auto_tool_choice or self.tool_call_parser is not None,
                  "--enable-auto-tool-choice", "needs --tool-call-parser (the format the "
                  "model writes its calls in)")
+        _require(self.responses_store_max_count >= 1, "--responses-store-max-count",
+                 f"must be >= 1, got {self.responses_store_max_count}")
+        _require(self.responses_store_max_bytes >= 1024, "--responses-store-max-bytes",
+                 f"must be >= 1024, got {self.responses_store_max_bytes}")
         _require(self.log_level in ("critical", "error", "warning", "info", "debug"),
                  "--log-level", f"must be critical, error, warning, info or debug, got "
                  f"{self.log_level!r}")
@@ -329,6 +337,20 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "(<tool_call> JSON, ChatML models), llama3_json (Llama 3.1 JSON), "
                         "pythonic ([f(x=1)]). If the chat template ignores tools, requests with "
                         "tools use ragserve's template for the format (hermes, llama3_json)")
+    o = p.add_argument_group("responses API")
+    o.add_argument("--responses-store-max-count", type=int, default=d.responses_store_max_count,
+                   help="stored responses (store: true) kept for GET /v1/responses/{id} and "
+                        "previous_response_id; beyond it the least recently used go")
+    o.add_argument("--responses-store-max-bytes", type=int, default=d.responses_store_max_bytes,
+                   help="bytes of stored responses and their conversations kept (default 256 "
+                        "MiB); beyond it the least recently used go")
+    o.add_argument("--responses-store-path", type=Path, default=d.responses_store_path,
+                   help="the SQLite file of stored responses (default: "
+                        "<--cache-dir>/responses.sqlite3)")
+    o.add_argument("--responses-store-persist", type=_bool, nargs="?", const=True,
+                   default=d.responses_store_persist, metavar="BOOL",
+                   help="keep stored responses on disk across restarts (default true; false: "
+                        "in memory, gone when the server stops)")
     r = p.add_argument_group("retrieval-augmented generation")
     r.add_argument("--index", type=Path, default=d.index,
                    help="a `ragserve index build` directory: enables /v1/retrieve and `rag` in "

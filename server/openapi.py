@@ -21,6 +21,7 @@ from server.protocol import (
     CompletionResponse,
     ErrorResponse,
 )
+from server.protocol_responses import ResponseStreamEvent
 
 REF = "#/components/schemas/{model}"
 
@@ -63,7 +64,8 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description,
                          routes=app.routes)
-    _add_models(schema, [ChatCompletionChunk, CompletionResponse, ErrorResponse])
+    _add_models(schema, [ChatCompletionChunk, CompletionResponse, ErrorResponse,
+                         ResponseStreamEvent])
     components = schema["components"]["schemas"]
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
@@ -78,7 +80,8 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
                 responses.setdefault("401", unauthorized)
     streamed = {"/v1/chat/completions": (ChatCompletionChunk,),
                 "/v1/completions": (CompletionResponse,),
-                "/invocations": (ChatCompletionChunk, CompletionResponse)}
+                "/invocations": (ChatCompletionChunk, CompletionResponse),
+                "/v1/responses": (ResponseStreamEvent,)}  # `event: <type>` on each
     for path, chunks in streamed.items():
         ok = schema["paths"][path]["post"]["responses"]["200"]
         ok["description"] = "The completion (JSON), or with stream=true its server-sent events"

@@ -28,6 +28,15 @@ from server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from server.protocol_responses import (
+    ResponseDeleted,
+    ResponseObject,
+    ResponsesRequest,
+    VectorStore,
+    VectorStoreList,
+    VectorStoreSearchPage,
+    VectorStoreSearchRequest,
+)
 
 router = APIRouter(route_class=JSONRoute)
 
@@ -36,7 +45,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in {
         400: "Invalid request (the message names the parameter or the limit)",
         401: "Missing or wrong API key",
-        404: "Unknown model (or, on /v1/retrieve, no index loaded)",
+        404: "Unknown model, response or vector store",
         413: "Request body too large",
         415: "The body was not sent as application/json",
         429: "Queue full (see Retry-After)",
@@ -56,6 +65,46 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
              responses=ERRORS, tags=["openai"])
 async def completions(body: CompletionRequest, request: Request) -> Any:
     return await request.app.state.serving_completion.create_completion(body, request)
+
+
+@router.post("/v1/responses", response_model=ResponseObject, responses=ERRORS,
+             tags=["openai"])  # the SSE form: server.openapi
+async def create_response(body: ResponsesRequest, request: Request) -> Any:
+    """OpenAI's Responses API: text, function tools, text.format, file_search over --index,
+    previous_response_id over stored responses."""
+    return await request.app.state.serving_responses.create_response(body, request)
+
+
+@router.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=ERRORS,
+            tags=["openai"])
+async def get_response(response_id: str, request: Request) -> Any:
+    return request.app.state.serving_responses.retrieve(response_id)
+
+
+@router.delete("/v1/responses/{response_id}", response_model=ResponseDeleted, responses=ERRORS,
+               tags=["openai"])
+async def delete_response(response_id: str, request: Request) -> ResponseDeleted:
+    return request.app.state.serving_responses.delete(response_id)
+
+
+@router.get("/v1/vector_stores", response_model=VectorStoreList, responses=ERRORS,
+            tags=["openai"])
+async def list_vector_stores(request: Request) -> VectorStoreList:
+    """The server's one vector store (its --index), or none."""
+    return request.app.state.serving_vector_stores.list()
+
+
+@router.get("/v1/vector_stores/{vector_store_id}", response_model=VectorStore,
+            responses=ERRORS, tags=["openai"])
+async def get_vector_store(vector_store_id: str, request: Request) -> VectorStore:
+    return request.app.state.serving_vector_stores.retrieve(vector_store_id)
+
+
+@router.post("/v1/vector_stores/{vector_store_id}/search", response_model=VectorStoreSearchPage,
+             responses=ERRORS, tags=["openai"])
+async def search_vector_store(vector_store_id: str, body: VectorStoreSearchRequest,
+                              request: Request) -> VectorStoreSearchPage:
+    return await request.app.state.serving_vector_stores.search(vector_store_id, body)
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["openai"])
