@@ -214,3 +214,25 @@ def test_an_uncompilable_constraint_fails_only_its_request(engine: Engine):
         engine.add_request([128000, 791], SamplingParams(structured=StructuredOutput(
             StructuredKind.REGEX, "(")))
     assert not engine.has_unfinished()
+
+
+def test_the_cpu_mask_equals_xgrammars_kernel(compiler: GrammarCompiler):
+    """ragserve's byte-table mask against xgrammar's own, on real grammar states, all rows and
+    a subset of rows."""
+    import xgrammar as xgr
+
+    from runtime.structured import allocate_bitmask, apply_bitmask
+
+    vocab = compiler.vocab_size
+    matchers = [GrammarMatcher(compiler.compile(json_so(PERSON))) for _ in range(3)]
+    matchers[1].accept(compiler.tokenizer.encode("{", add_special_tokens=False)[0])
+    bitmask = allocate_bitmask(3, vocab)
+    for i, m in enumerate(matchers):
+        m.fill(bitmask, i)
+    for rows in ([0, 1, 2], [1, 2]):
+        logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(len(rows)))
+        ours, theirs = logits.clone(), logits.clone()
+        apply_bitmask(ours, bitmask, rows)
+        xgr.apply_token_bitmask_inplace(theirs, bitmask, indices=rows)
+        assert torch.equal(ours, theirs)
+        assert torch.isinf(ours[rows]).any() and torch.isfinite(ours[rows]).any()
