@@ -125,18 +125,24 @@ def value_end(text: str, i: int) -> int | None:
         m = _SCALAR.match(text, i)
         # a number at the end of the text may still grow
         return m.end() if m and m.end() < len(text) else None
+    return _bracket_end(text, i, '"', "{[", "}]")
+
+
+def _bracket_end(text: str, i: int, quotes: str, opens: str, closes: str) -> int | None:
+    """Index after the bracketed value opening at ``text[i]`` (JSON's, or a Python list's);
+    string literals in ``quotes`` are skipped whole. None while it is not closed yet."""
     depth, j = 0, i
     while j < len(text):
         c = text[j]
-        if c == '"':
-            end = _string_end(text, j)
+        if c in quotes:
+            end = _string_end(text, j, c)
             if end is None:
                 return None
             j = end
             continue
-        if c in "{[":
+        if c in opens:
             depth += 1
-        elif c in "}]":
+        elif c in closes:
             depth -= 1
             if depth == 0:
                 return j + 1
@@ -528,23 +534,7 @@ class _PythonicStream:
         return out
 
     def _list_end(self) -> int | None:
-        depth, j = 0, 0
-        while j < len(self.buf):
-            c = self.buf[j]
-            if c in "'\"":
-                end = _string_end(self.buf, j, c)
-                if end is None:
-                    return None
-                j = end
-                continue
-            if c in "([{":
-                depth += 1
-            elif c in ")]}":
-                depth -= 1
-                if depth == 0:
-                    return j + 1
-            j += 1
-        return None
+        return _bracket_end(self.buf, 0, "'\"", "([{", ")]}")
 
     def finish(self) -> StreamDelta:
         out = StreamDelta(content=self.content.add(self.buf))
