@@ -76,6 +76,110 @@ def load_documents(root: Path | str, *, skipped: Counter[str] | None = None) -> 
     return docs
 
 
+# -- bytes from a client ---------------------------------------------------------------------------
+
+KINDS = ("pdf", "html", "markdown", "text")
+_MARKDOWN_SUFFIXES = (".md", ".markdown")
+_HTML_START = re.compile(rb"\s*(?:<!--.*?-->\s*)*<(?:!doctype\s+html|html|head|body)\b",
+                         re.IGNORECASE | re.DOTALL)
+
+
+def sniff(data: bytes, filename: str = "") -> str:
+    """The kind of a client's file, from its content (the name only tells Markdown from plain
+    text): ``pdf``, ``html``, ``markdown`` or ``text``. Content that is none of them (binary,
+    or text in no encoding we read) raises ``DocumentError`` whatever the name says.
+
+    >>> sniff(b"%PDF-1.7 ..."), sniff(b"<!DOCTYPE html><p>x"), sniff(b"# T", "a.md")
+    ('pdf', 'html', 'markdown')
+    >>> sniff("plain café".encode(), "notes.pdf")
+    'text'
+    """
+    if not data:
+        raise DocumentError("the file is empty")
+    if b"%PDF-" in data[:1024]:
+        return "pdf"
+    text = decode_text(data, partial=True)
+    if _HTML_START.match(text[:4096].encode()):
+        return "html"
+    return "markdown" if filename.lower().endswith(_MARKDOWN_SUFFIXES) else "text"
+
+
+def decode_text(data: bytes, partial: bool = False) -> str:
+    """UTF-8 (BOM or not) or UTF-16 with a BOM; anything with NUL bytes or many control
+    characters is binary: ``DocumentError``. ``partial``: ``data`` is the head of a file (a
+    character cut at its end is not an error)."""
+    import codecs
+
+    def decode(encoding: str) -> str:
+        return codecs.getincrementaldecoder(encoding)().decode(data, final=not partial)
+
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            text = decode("utf-16")
+        except UnicodeDecodeError as e:
+            raise DocumentError(f"not valid UTF-16 text ({e.reason} at byte {e.start})") from e
+    else:
+        if b"\x00" in data:
+            raise DocumentError("binary content (NUL bytes): not text, Markdown, HTML or PDF")
+        try:
+            text = decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise DocumentError(f"binary or non-UTF-8 content (invalid byte at offset "
+                                f"{e.start}): not text, Markdown, HTML or PDF") from e
+    control = sum(1 for c in text[:65536] if ord(c) < 32 and c not in "\t\n\r\f")
+    if control > max(8, len(text[:65536]) // 100):
+        raise DocumentError("binary content (control characters): not text, Markdown, HTML or "
+                            "PDF")
+    return text
+
+
+def document_from_bytes(data: bytes, kind: str, doc_id: str, source: str, *,
+                        max_chars: int) -> Document:
+    """A client's file as a ``Document`` (``kind`` from :func:`sniff`). Its text may hold at
+    most ``max_chars`` characters (a PDF is read page by page and stopped there): more raises
+    ``DocumentError``, as does a file with no text."""
+    if kind == "pdf":
+        pages = _pdf_pages(data, source, max_chars)
+    else:
+        text = decode_text(data)
+        if kind == "html":
+            text = html_to_text(text)
+        if len(text) > max_chars:
+            raise DocumentError(f"the document's text has {len(text)} characters, more than "
+                                f"the {max_chars} allowed per file")
+        pages = [(None, text)]
+    kept = tuple((n, t) for n, t in pages if t.strip())
+    if not kept:
+        raise DocumentError("the file has no text to index" + (
+            " (a scanned PDF needs OCR first)" if kind == "pdf" else ""))
+    return Document(doc_id=doc_id, source=source, pages=kept)
+
+
+def _pdf_pages(data: bytes, source: str, max_chars: int) -> list[tuple[int | None, str]]:
+    import io
+
+    from pypdf import PdfReader
+
+    pages: list[tuple[int | None, str]] = []
+    total = 0
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise DocumentError("the PDF is encrypted")
+        for i, page in enumerate(reader.pages, start=1):
+            text = page.extract_text() or ""
+            total += len(text)
+            if total > max_chars:
+                raise DocumentError(f"the PDF's text passes the {max_chars} characters allowed "
+                                    f"per file at page {i}")
+            pages.append((i, text))
+    except DocumentError:
+        raise
+    except Exception as exc:  # pypdf raises many kinds of error on damaged or hostile files
+        raise DocumentError(f"unreadable PDF ({type(exc).__name__}: {exc})") from exc
+    return pages
+
+
 def _walk(root: Path) -> list[tuple[str, Path]]:
     """(doc_id, path) of every non-hidden file under ``root``, sorted by path components."""
     found: list[tuple[tuple[str, ...], Path]] = []

@@ -60,6 +60,10 @@ class ExactBackend:
             del self._docs[p]
         self._packed = None
 
+    def vectors(self, pid: int) -> int:
+        """How many token vectors passage ``pid`` holds."""
+        return len(self._docs[pid])
+
     def _pack(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         import torch
 
@@ -86,11 +90,22 @@ class ExactBackend:
             top = torch.topk(scores, min(k, len(pids)))
         return [(pids[i], float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())]
 
-    def save(self, path: Path) -> None:
+    #: ``PassageIndex`` may save this backend in segments: ``save(path, pids)`` writes a subset
+    #: and ``merge`` joins loaded segments
+    segmented = True
+
+    def save(self, path: Path, pids: Sequence[int] | None = None) -> None:
+        """Write every passage, or only ``pids`` (one segment of a segmented index)."""
         import torch
         from safetensors.torch import save_file
 
-        tokens, _, pids = self._pack()
+        tokens, _, pids_all = self._pack()
+        if pids is None:
+            pids = pids_all
+        else:
+            pids = sorted(pids)
+            tokens = (torch.cat([self._docs[p] for p in pids]) if pids
+                      else torch.zeros(0, self.dim, dtype=self.dtype))
         lens = torch.tensor([len(self._docs[p]) for p in pids], dtype=torch.long)
         save_file({"tokens": tokens.half(), "doclens": lens,
                    "pids": torch.tensor(pids, dtype=torch.long)}, str(Path(path) / _FILE),
@@ -108,3 +123,12 @@ class ExactBackend:
         backend = cls(dim, dtype=dtype)
         backend._docs = dict(zip(pids, tokens.to(backend.dtype).split(lens)))
         return backend
+
+    def merge(self, other: ExactBackend, drop: Iterable[int] = ()) -> None:
+        """Take ``other``'s passages (another segment of the same index), less ``drop``."""
+        dropped = set(drop)
+        clash = [p for p in other._docs if p in self._docs and p not in dropped]
+        if clash:
+            raise ValueError(f"passage ids in two segments: {clash[:5]}")
+        self._docs.update((p, d) for p, d in other._docs.items() if p not in dropped)
+        self._packed = None

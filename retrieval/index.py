@@ -1,22 +1,30 @@
 """``PassageIndex``: encoder + passage table + backend, saved and loaded atomically.
 
-On disk an index is a directory of versions and a pointer to the current one::
+On disk an index is a directory of versions, the segments they are made of, and a pointer to
+the current version::
 
-    INDEX_DIR/CURRENT            "v000002" (replaced atomically with os.replace)
-    INDEX_DIR/v000002/manifest.json   format, backend, encoder (name, label, fingerprint,
-                                      settings), chunking settings, counts
-    INDEX_DIR/v000002/passages.jsonl  one chunk per line, with its passage id
-    INDEX_DIR/v000002/backend/        the backend's own files
-    INDEX_DIR/v000002/lexical/        BM25 over the passages' text (``retrieval.lexical``)
+    INDEX_DIR/CURRENT                  "v000002" (replaced atomically with os.replace)
+    INDEX_DIR/v000002/manifest.json    format, backend, encoder (name, label, fingerprint,
+                                       settings), chunking and retrieval settings, counts, the
+                                       segments this version is made of and its deleted pids
+    INDEX_DIR/v000002/lexical/         BM25 over the live passages' text (``retrieval.lexical``)
+    INDEX_DIR/segments/s000003/        one immutable segment: backend/ (the backend's files for
+                                       its passages) and passages.jsonl (one chunk per line)
 
 The manifest's ``retrieval`` settings say how the index searches by default: ``hybrid`` (late
 interaction and BM25 fused by reciprocal rank), ``late_interaction`` or ``lexical``; a search
-may ask for another mode. An index written before BM25 existed (no ``lexical/``, no
-``retrieval``) loads as a hybrid index: its BM25 is built from its passages at load.
+may ask for another mode.
 
 A save writes a complete new version under a temporary name, renames it into place and only then
 points ``CURRENT`` at it: a build killed at any moment leaves the previous index current and
-usable. Loading with an encoder other than the one recorded in the manifest is refused.
+usable, and a reader sees the old version or the new one, never half. A save into the directory
+the index was loaded from (or last saved to) appends: only the passages added since are written,
+as a new segment, and removed ones are listed as deleted; when deleted passages pass a quarter of
+the total, or segments pass ``MAX_SEGMENTS``, the save compacts everything into one segment. The
+``exact`` backend is segmented; ``plaid`` writes one segment each save. Segments and versions
+nothing points at any more are removed after the pointer moves. Version 1 directories (backend/
+and passages.jsonl inside the version, no segments) still load. Loading with an encoder other
+than the one recorded in the manifest is refused.
 """
 
 from __future__ import annotations
@@ -38,13 +46,18 @@ from retrieval.types import Chunk, Document, Passage
 if TYPE_CHECKING:
     from retrieval.encoder import ColBERTEncoder
 
-FORMAT = "ragserve-index/1"
+FORMAT = "ragserve-index/2"
+_FORMATS = ("ragserve-index/1", FORMAT)
+MAX_SEGMENTS = 8
+#: the BM25 score that :meth:`PassageIndex.relevance` maps to 0.5
+LEXICAL_HALF = 5.0
 BACKENDS = ("exact", "plaid")
 _CURRENT = "CURRENT"
 _MANIFEST = "manifest.json"
 _PASSAGES = "passages.jsonl"
 _BACKEND_DIR = "backend"
 _LEXICAL_DIR = "lexical"
+_SEGMENTS_DIR = "segments"
 
 
 class IndexLoadError(ValueError):
@@ -111,20 +124,32 @@ class PassageIndex:
         self.chunking = chunking or ChunkSettings()
         self.retrieval = retrieval or HybridSettings()
         self._lexical: LexicalIndex | None = None  # None: (re)built from the chunks when needed
-        limit = encoder.settings.doc_maxlen - 3  # [CLS], [D], [SEP]
-        if self.chunking.chunk_tokens > limit:
-            raise ValueError(f"chunk_tokens={self.chunking.chunk_tokens} exceeds what the encoder "
-                             f"indexes per passage ({limit} = doc_maxlen "
-                             f"{encoder.settings.doc_maxlen} - 3 special tokens)")
+        self.check_chunking(self.chunking)
         if isinstance(backend, str):
             backend = new_backend(backend, encoder.settings.dim, **backend_options)
         self.backend = backend
         self.chunks: dict[int, Chunk] = {}
         self.next_pid = 0
         self.created_at = time.time()
+        # what is on disk at ``_saved`` (directory, version name): its segments' pids, and the
+        # pids of theirs removed since; a save there appends instead of rewriting
+        self._saved: tuple[Path, str] | None = None
+        self._segments: dict[str, set[int]] = {}
+        self._deleted: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.chunks)
+
+    @property
+    def max_chunk_tokens(self) -> int:
+        """The most text tokens the encoder indexes per passage."""
+        return self.encoder.settings.doc_maxlen - 3  # [CLS], [D], [SEP]
+
+    def check_chunking(self, c: ChunkSettings) -> None:
+        if c.chunk_tokens > self.max_chunk_tokens:
+            raise ValueError(f"chunk_tokens={c.chunk_tokens} exceeds what the encoder indexes "
+                             f"per passage ({self.max_chunk_tokens} = doc_maxlen "
+                             f"{self.encoder.settings.doc_maxlen} - 3 special tokens)")
 
     @property
     def doc_ids(self) -> set[str]:
@@ -133,16 +158,18 @@ class PassageIndex:
     # -- writing ---------------------------------------------------------------------------------
 
     def add_documents(self, docs: Sequence[Document], *,
-                      progress: Callable[[int, int], None] | None = None) -> int:
+                      progress: Callable[[int, int], None] | None = None,
+                      chunking: ChunkSettings | None = None) -> int:
         """Chunk, encode and add ``docs``; a document whose ``doc_id`` is already indexed is
-        replaced. ``progress(done, total)`` follows the encoding, in passages. Returns the number
-        of passages added."""
+        replaced. ``progress(done, total)`` follows the encoding, in passages; ``chunking``
+        (default: the index's) cuts these documents. Returns the number of passages added."""
         from retrieval.chunking import chunk_documents
 
         replaced = {d.doc_id for d in docs} & self.doc_ids
         if replaced:
             self.remove_documents(replaced)
-        c = self.chunking
+        c = chunking or self.chunking
+        self.check_chunking(c)
         chunks = chunk_documents(docs, self.encoder.tokenizer, chunk_tokens=c.chunk_tokens,
                                  overlap_tokens=c.overlap_tokens, parent_tokens=c.parent_tokens)
         return self.add_chunks(chunks, progress=progress)
@@ -176,8 +203,17 @@ class PassageIndex:
         self.backend.remove(pids)
         for p in pids:
             del self.chunks[p]
+        self._deleted.update(p for p in pids if any(p in seg for seg in self._segments.values()))
         self._lexical = None
         return len(pids)
+
+    def usage_bytes(self, doc_id: str) -> int:
+        """What a document takes in the index: its passages' text, and their token vectors
+        where the backend counts them (as stored: float16)."""
+        vectors = getattr(self.backend, "vectors", None)
+        dim = self.encoder.settings.dim
+        return sum(len(c.text.encode()) + (2 * dim * vectors(p) if vectors else 0)
+                   for p, c in self.chunks.items() if c.doc_id == doc_id)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -188,26 +224,37 @@ class PassageIndex:
             self._lexical = LexicalIndex.build({p: c.text for p, c in self.chunks.items()})
         return self._lexical
 
-    def search(self, query: str, k: int = 5, mode: str | None = None) -> list[Passage]:
+    def search(self, query: str, k: int = 5, mode: str | None = None,
+               allow: Callable[[str], bool] | None = None) -> list[Passage]:
         """The ``k`` best passages for ``query``, best first, by ``mode`` (default: the index's
         ``retrieval.mode``): ``late_interaction`` (MaxSim scores), ``lexical`` (BM25 scores) or
         ``hybrid`` (both retrievers' top ``max(k, retrieval.candidates)`` fused by weighted
         reciprocal rank; the score is the fused one). Each passage's ``scores`` holds what each
-        retriever gave it (absent: not in that retriever's candidates)."""
+        retriever gave it (absent: not in that retriever's candidates). ``allow(doc_id)``: only
+        passages of the documents it accepts (each retriever searches deeper until it has
+        enough of them, or has ranked every passage)."""
         mode = mode or self.retrieval.mode
         if mode not in MODES:
             raise ValueError(f"retrieval mode must be one of {', '.join(MODES)}, got {mode!r}")
         if k <= 0 or not self.chunks:
             return []
+        allowed: set[int] | None = None
+        if allow is not None:
+            docs = {d: allow(d) for d in self.doc_ids}
+            allowed = {p for p, c in self.chunks.items() if docs[c.doc_id]}
+            if not allowed:
+                return []
         s = self.retrieval
         n = k if mode != "hybrid" else max(k, s.candidates)
         late: list[tuple[int, float]] = []
         lexical: list[tuple[int, float]] = []
         if mode != "lexical":
             q = self.encoder.encode_queries([query])[0]
-            late = self.backend.search(q, n, effort_k=k)
+            late = _deepening(lambda m: self.backend.search(q, m, effort_k=max(k, m // 4)),
+                              n, allowed, len(self.chunks))
         if mode != "late_interaction":
-            lexical = self.lexical.search(query, n)
+            lexical = _deepening(lambda m: self.lexical.search(query, m), n, allowed,
+                                 len(self.chunks))
         if mode == "hybrid":
             ranked = fuse([(s.late_interaction_weight, [p for p, _ in late]),
                            (s.lexical_weight, [p for p, _ in lexical])], s.rrf_k, k)
@@ -217,6 +264,23 @@ class PassageIndex:
         return [self.passage(pid, score, {name: round(hits[pid], 4) for name, hits in by.items()
                                           if pid in hits})
                 for pid, score in ranked]
+
+    def relevance(self, score: float, mode: str | None = None) -> float:
+        """A search score on 0..1 (what OpenAI's vector store search reports and
+        ``score_threshold`` compares with): hybrid, the fused score over the most it can be (first
+        in both rankings); late interaction, MaxSim over the query's vector count (the mean
+        best cosine, clipped at 0); lexical, BM25 squashed as ``s / (s + LEXICAL_HALF)`` (a
+        monotone map, not a probability)."""
+        mode = mode or self.retrieval.mode
+        if mode == "hybrid":
+            s = self.retrieval
+            best = (s.late_interaction_weight + s.lexical_weight) / (s.rrf_k + 1)
+            value = score / best if best > 0 else 0.0
+        elif mode == "late_interaction":
+            value = score / self.encoder.settings.query_maxlen
+        else:
+            value = score / (score + LEXICAL_HALF) if score > 0 else 0.0
+        return min(1.0, max(0.0, value))
 
     def passage(self, pid: int, score: float, scores: dict[str, float] | None = None
                 ) -> Passage:
@@ -244,41 +308,110 @@ class PassageIndex:
     # -- persistence -----------------------------------------------------------------------------
 
     def save(self, path: Path) -> Path:
-        """Write a new version under ``path`` and make it current atomically; returns it."""
+        """Write a new version under ``path`` and make it current atomically; returns it.
+        Appends a segment when ``path`` holds the version this index was loaded from or last
+        saved (and the backend is segmented), else writes every passage as one segment."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         for stale in path.glob(".tmp-*"):  # left by a killed save
             shutil.rmtree(stale, ignore_errors=True)
         versions = sorted(p.name for p in path.glob("v[0-9]*") if p.is_dir())
         name = f"v{int(versions[-1][1:]) + 1 if versions else 1:06d}"
+        seg_root = path / _SEGMENTS_DIR
+        seg_root.mkdir(exist_ok=True)
+        for stale in seg_root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        existing = sorted(p.name for p in seg_root.glob("s[0-9]*") if p.is_dir())
+        seg_name = f"s{int(existing[-1][1:]) + 1 if existing else 1:06d}"
+
+        segments = dict(self._segments) if self._appendable(path) else {}
+        deleted = set(self._deleted) if segments else set()
+        held = sum(len(pids) for pids in segments.values())
+        if segments and (len(segments) >= MAX_SEGMENTS or 4 * len(deleted) > held):
+            segments, deleted = {}, set()  # compact: everything into one new segment
+        in_segments = set().union(*segments.values()) if segments else set()
+        new_pids = sorted(p for p in self.chunks if p not in in_segments)
+        written: Path | None = None
+        if new_pids or not segments:
+            written = self._write_segment(seg_root, seg_name, new_pids)
+            segments[seg_name] = set(new_pids)
         tmp = Path(tempfile.mkdtemp(dir=path, prefix=".tmp-"))
         try:
-            (tmp / _BACKEND_DIR).mkdir()
-            self.backend.save(tmp / _BACKEND_DIR)
             self.lexical.save(tmp / _LEXICAL_DIR)
-            with open(tmp / _PASSAGES, "w", encoding="utf-8") as f:
-                for pid, c in sorted(self.chunks.items()):
-                    f.write(json.dumps({"pid": pid, **asdict(c)}, ensure_ascii=False) + "\n")
-            (tmp / _MANIFEST).write_text(json.dumps(self.manifest(), indent=2))
+            manifest = self.manifest()
+            manifest["segments"] = sorted(segments)
+            manifest["deleted"] = sorted(deleted)
+            (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2))
             _fsync_tree(tmp)
             os.rename(tmp, path / name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            if written is not None:
+                shutil.rmtree(written, ignore_errors=True)
             raise
         pointer = path / f".tmp-{_CURRENT}"
         pointer.write_text(name + "\n")
         os.replace(pointer, path / _CURRENT)
+        _fsync_dir(path)
+        self._saved, self._segments, self._deleted = (path, name), segments, deleted
         for old in versions:  # only now is nothing pointing at them
             shutil.rmtree(path / old, ignore_errors=True)
+        for seg in existing:
+            if seg not in segments:
+                shutil.rmtree(seg_root / seg, ignore_errors=True)
         return path / name
+
+    def _appendable(self, path: Path) -> bool:
+        """Is ``path``'s current version the one this index was loaded from or saved last?"""
+        if self._saved is None or not getattr(self.backend, "segmented", False):
+            return False
+        saved_path, version = self._saved
+        try:
+            current = (path / _CURRENT).read_text().strip()
+        except OSError:
+            return False
+        return saved_path.resolve() == path.resolve() and current == version
+
+    def _write_segment(self, root: Path, name: str, pids: list[int]) -> Path:
+        """Write the passages ``pids`` as the segment ``root/name`` (renamed into place whole)."""
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+        try:
+            (tmp / _BACKEND_DIR).mkdir()
+            if getattr(self.backend, "segmented", False):
+                self.backend.save(tmp / _BACKEND_DIR, pids)  # type: ignore[call-arg]
+            else:
+                self.backend.save(tmp / _BACKEND_DIR)
+            with open(tmp / _PASSAGES, "w", encoding="utf-8") as f:
+                for pid in pids:
+                    f.write(json.dumps({"pid": pid, **asdict(self.chunks[pid])},
+                                       ensure_ascii=False) + "\n")
+            _fsync_tree(tmp)
+            os.rename(tmp, root / name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return root / name
 
     @classmethod
     def load(cls, path: Path, encoder: ColBERTEncoder,
              retrieval: HybridSettings | None = None) -> PassageIndex:
-        """The current version at ``path``; ``retrieval`` overrides the manifest's settings."""
-        version = current_version(path)
+        """The current version at ``path``; ``retrieval`` overrides the manifest's settings.
+        A version replaced (and removed) by a writer while it was being read is read again
+        from the new ``CURRENT``."""
+        for attempt in range(5):
+            version = current_version(path)
+            try:
+                return cls._load_version(path, version, encoder, retrieval)
+            except FileNotFoundError:
+                if attempt == 4 or current_version(path) == version:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load_version(cls, path: Path, version: Path, encoder: ColBERTEncoder,
+                      retrieval: HybridSettings | None) -> PassageIndex:
         manifest = json.loads((version / _MANIFEST).read_text())
-        if manifest.get("format") != FORMAT:
+        if manifest.get("format") not in _FORMATS:
             raise IndexLoadError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT}")
         recorded = manifest["encoder"]
         if recorded["fingerprint"] != encoder.fingerprint:
@@ -287,19 +420,38 @@ class PassageIndex:
                 f"(fingerprint {recorded['fingerprint'][:12]}), but the retriever model is "
                 f"{encoder.name!r} (fingerprint {encoder.fingerprint[:12]}); pass "
                 f"--retriever-model {recorded['name']} or rebuild the index")
-        index = cls(encoder, _load_backend(manifest["backend"], version / _BACKEND_DIR),
-                    chunking=ChunkSettings(**manifest["chunking"]),
+        deleted = set(manifest.get("deleted", ()))
+        if "segments" in manifest:
+            seg_dirs = [Path(path) / _SEGMENTS_DIR / s for s in manifest["segments"]]
+        else:  # format 1: one unnamed segment inside the version
+            seg_dirs = [version]
+        backend = _load_backend(manifest["backend"], seg_dirs[0] / _BACKEND_DIR)
+        for seg in seg_dirs[1:]:
+            backend.merge(_load_backend(manifest["backend"], seg / _BACKEND_DIR),  # type: ignore[attr-defined]
+                          deleted)
+        if deleted:
+            backend.remove([p for p in deleted if p in getattr(backend, "_docs", {})])
+        index = cls(encoder, backend, chunking=ChunkSettings(**manifest["chunking"]),
                     retrieval=retrieval or HybridSettings(**manifest.get("retrieval", {})))
-        with open(version / _PASSAGES, encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
-                pid = row.pop("pid")
-                index.chunks[pid] = Chunk(**row)
+        for seg in seg_dirs:
+            pids: set[int] = set()
+            with open(seg / _PASSAGES, encoding="utf-8") as f:
+                for line in f:
+                    row = json.loads(line)
+                    pid = row.pop("pid")
+                    pids.add(pid)
+                    if pid not in deleted:
+                        index.chunks[pid] = Chunk(**row)
+            if "segments" in manifest:
+                index._segments[seg.name] = pids
         if len(index.chunks) != len(index.backend):
             raise IndexLoadError(f"{path}: {len(index.chunks)} passages but the backend holds "
                                  f"{len(index.backend)}")
         index.next_pid = int(manifest["next_pid"])
         index.created_at = float(manifest["created_at"])
+        index._deleted = deleted
+        if "segments" in manifest:
+            index._saved = (Path(path), version.name)
         if (version / _LEXICAL_DIR).is_dir():
             lexical = LexicalIndex.load(version / _LEXICAL_DIR)
             if sorted(lexical.pids) == sorted(index.chunks):
@@ -307,8 +459,33 @@ class PassageIndex:
         return index
 
 
+def _deepening(search: Callable[[int], list[tuple[int, float]]], n: int,
+               allowed: set[int] | None, total: int) -> list[tuple[int, float]]:
+    """The ``n`` best hits of ``search(m)`` whose pid is in ``allowed`` (None: any), asking for
+    four times as many each round until there are enough or every passage was ranked."""
+    if allowed is None:
+        return search(n)
+    m = n
+    while True:
+        hits = search(m)
+        kept = [(p, s) for p, s in hits if p in allowed]
+        if len(kept) >= n or len(hits) < m or m >= total:
+            return kept[:n]
+        m = min(total, m * 4)
+
+
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for name in files:
             with open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a power cut cannot bring the old name back)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -52,3 +52,10 @@ class Passage:
     chunk_text: str = field(default="", repr=False)
     # hybrid search: each retriever's own score for this passage (those that found it)
     scores: dict[str, float] | None = field(default=None, repr=False, compare=False)
+    # the document's name as the model and the client see it, when ``doc_id`` is an id (a
+    # vector store's file: its filename); None: ``doc_id`` is the name
+    title: str | None = field(default=None, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.title if self.title is not None else self.doc_id

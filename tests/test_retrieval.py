@@ -324,7 +324,7 @@ from retrieval.exact import ExactBackend
 from retrieval.index import PassageIndex
 from retrieval.types import Document
 
-def die(self, path):
+def die(self, path, pids=None):
     os._exit(9)  # killed in the middle of writing the new version
 
 idx = PassageIndex(ColBERTEncoder({ckpt!r}), "exact")
@@ -343,7 +343,8 @@ def test_killed_save_leaves_the_previous_index_usable(tmp_path, index, tiny_colb
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     proc = subprocess.run([sys.executable, "-c", script], env=env, timeout=120)
     assert proc.returncode == 9
-    assert any(p.name.startswith(".tmp-") for p in out.iterdir())  # the half-written version
+    # the half-written segment
+    assert any(p.name.startswith(".tmp-") for p in (out / "segments").iterdir())
     assert (out / "CURRENT").read_text() == before
     loaded = PassageIndex.load(out, tiny_colbert)
     assert len(loaded) == len(index)
@@ -351,3 +352,70 @@ def test_killed_save_leaves_the_previous_index_usable(tmp_path, index, tiny_colb
     loaded.save(out)  # the next save cleans up the leftovers
     assert not any(p.name.startswith(".tmp-") for p in out.iterdir())
     assert len([p for p in out.iterdir() if p.name.startswith("v")]) == 1
+
+
+def _doc(name: str, text: str) -> Document:
+    return Document(name, name, ((None, text),))
+
+
+def _ranking(index: PassageIndex, query: str) -> list[tuple[str, str, float]]:
+    return [(p.doc_id, p.chunk_text, round(p.score, 4)) for p in index.search(query, 10)]
+
+
+def test_saves_append_segments_and_search_like_a_fresh_build(tmp_path, tiny_colbert):
+    texts = {f"d{i}.txt": f"Document {i} says the number {i} is {'odd' if i % 2 else 'even'}."
+             for i in range(12)}
+    out = tmp_path / "idx"
+    index = PassageIndex(tiny_colbert, "exact")
+    index.add_documents([_doc(f"d{i}.txt", texts[f"d{i}.txt"]) for i in range(7)])
+    index.save(out)
+    first = sorted((out / "segments").iterdir())
+    assert [p.name for p in first] == ["s000001"]
+    stamp = (first[0] / "passages.jsonl").stat().st_mtime_ns
+    for i in range(7, 12):  # incremental adds through a fresh load each time, as a writer does
+        loaded = PassageIndex.load(out, tiny_colbert)
+        loaded.add_documents([_doc(f"d{i}.txt", texts[f"d{i}.txt"])])
+        loaded.save(out)
+    manifest = read_manifest(out)
+    assert manifest["segments"] == [f"s{i:06d}" for i in range(1, 7)]
+    assert (first[0] / "passages.jsonl").stat().st_mtime_ns == stamp  # never rewritten
+    loaded = PassageIndex.load(out, tiny_colbert)
+    loaded.remove_documents(["d2.txt"])
+    loaded.add_documents([_doc("d3.txt", "Document 3 was replaced by new text.")])
+    loaded.save(out)
+    assert read_manifest(out)["deleted"]  # removed passages listed, their segments kept
+
+    fresh = PassageIndex(tiny_colbert, "exact")
+    fresh.add_documents([_doc(f"d{i}.txt", texts[f"d{i}.txt"]) for i in range(12)
+                         if i not in (2, 3)]
+                        + [_doc("d3.txt", "Document 3 was replaced by new text.")])
+    again = PassageIndex.load(out, tiny_colbert)
+    assert again.doc_ids == fresh.doc_ids
+    for query in ("the number 3", "odd", "replaced", "Document 9"):
+        assert _ranking(again, query) == _ranking(fresh, query)
+
+
+def test_segments_are_compacted(tmp_path, tiny_colbert):
+    out = tmp_path / "idx"
+    index = PassageIndex(tiny_colbert, "exact")
+    for i in range(12):
+        index.add_documents([_doc(f"d{i}.txt", f"text number {i}")])
+        index.save(out)  # the same object saving again also appends
+    assert 1 <= len(read_manifest(out)["segments"]) <= 8
+    on_disk = {p.name for p in (out / "segments").iterdir()}
+    assert on_disk == set(read_manifest(out)["segments"])  # unreferenced segments removed
+    index.remove_documents([f"d{i}.txt" for i in range(10)])
+    index.save(out)  # most passages deleted: one compacted segment
+    manifest = read_manifest(out)
+    assert len(manifest["segments"]) == 1 and manifest["deleted"] == []
+    assert PassageIndex.load(out, tiny_colbert).doc_ids == {"d10.txt", "d11.txt"}
+
+
+def test_search_only_in_allowed_documents(tiny_colbert):
+    index = PassageIndex(tiny_colbert, "exact")
+    index.add_documents([_doc(f"d{i}.txt", f"Paris is in France, says document {i}.")
+                         for i in range(30)])
+    for mode in ("hybrid", "late_interaction", "lexical"):
+        hits = index.search("Paris France", 3, mode, allow=lambda d: d in ("d7.txt", "d29.txt"))
+        assert {p.doc_id for p in hits} == {"d7.txt", "d29.txt"}
+    assert index.search("Paris", 3, allow=lambda d: False) == []
