@@ -16,19 +16,22 @@ from engine.core import Engine
 from server.admission import Admission
 from server.config import ServerConfig
 from server.engines import build_engine
-from server.errors import HANDLED, api_error, error_response
+from server.errors import HANDLED, APIError, api_error, error_response
 from server.metrics import Metrics
 from server.openapi import OPEN_PATHS, openapi_document
 from server.rag import RAGService
 from server.response_store import ResponseStore
-from server.routes import router
+from server.routes import router, upload_router
 from server.serving_chat import OpenAIServingChat
 from server.serving_completion import OpenAIServingCompletion
+from server.serving_files import ServingFiles
 from server.serving_models import OpenAIServingModels
+from server.serving_pooling import ServingPooling
 from server.serving_responses import OpenAIServingResponses
 from server.serving_retrieval import ServingRetrieval
 from server.serving_tokenization import OpenAIServingTokenization
 from server.serving_vector_stores import ServingVectorStores
+from server.stores import Stores
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +56,41 @@ class APIKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for request bodies over ``limit`` bytes, declared or streamed (chunked)."""
+    """413 for request bodies over ``limit`` bytes, declared or streamed (chunked); uploads
+    (``POST /v1/files``) may be ``upload_limit`` bytes."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    #: room for the multipart framing and the form's other fields around an upload's bytes
+    MULTIPART_OVERHEAD = 64 * 1024
+
+    def __init__(self, app: ASGIApp, limit: int, upload_limit: int | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.upload_limit = (upload_limit + self.MULTIPART_OVERHEAD if upload_limit is not None
+                             else limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        upload = scope["path"] == "/v1/files" and scope["method"] == "POST"
+        limit = self.upload_limit if upload else self.limit
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._reject(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._reject(scope, receive, send, upload)
+        if upload:  # streamed to disk by the multipart parser: counted, never buffered here
+            seen = 0
+
+            async def counted() -> Message:
+                nonlocal seen
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > limit:
+                        raise APIError(413, f"the upload exceeds --max-upload-bytes "
+                                            f"({limit - self.MULTIPART_OVERHEAD} bytes)",
+                                       param="file", code="file_too_large")
+                return message
+
+            return await self.app(scope, counted, send)
         if declared is not None:  # a declared length within the limit: the server enforces it
             return await self.app(scope, receive, send)
         # no Content-Length (chunked): read up to the limit first, then replay it
@@ -85,9 +111,12 @@ class BodyLimitMiddleware:
 
         return await self.app(scope, replayed, send)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, f"request body exceeds --max-request-bytes "
-                                       f"({self.limit} bytes)")
+    async def _reject(self, scope: Scope, receive: Receive, send: Send,
+                      upload: bool = False) -> None:
+        response = error_response(413, f"the upload exceeds --max-upload-bytes "
+                                       f"({self.upload_limit - self.MULTIPART_OVERHEAD} bytes)"
+                                  if upload else f"request body exceeds --max-request-bytes "
+                                                 f"({self.limit} bytes)")
         await response(scope, receive, send)
 
 
@@ -143,6 +172,8 @@ def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
         engine = build_engine(config, served_name, on_failure=on_engine_failure,
                               factory=factory)
     rag = RAGService(config, metrics, on_failure=on_engine_failure)
+    stores = Stores(config, rag, metrics)
+    metrics.watch_stores(stores)
     models = OpenAIServingModels(engine, config, rag)
     # one queue for every endpoint that generates
     admission = Admission(config.max_num_seqs, config.max_queue_len, config.max_queue_wait)
@@ -151,8 +182,10 @@ def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         rag.start()
+        stores.start()
         yield
         engine.stop()
+        stores.stop()
         rag.stop()
 
     app = FastAPI(title="ragserve", version="0.1.0", lifespan=lifespan,
@@ -167,11 +200,16 @@ def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
     app.state.serving_completion = OpenAIServingCompletion(models, admission, metrics)
     app.state.serving_tokenization = OpenAIServingTokenization(models)
     app.state.serving_retrieval = ServingRetrieval(models, rag)
-    app.state.serving_vector_stores = ServingVectorStores(rag)
+    app.state.serving_pooling = ServingPooling(models, rag, config.max_embedding_batch)
+    app.state.stores = stores
+    app.state.serving_files = ServingFiles(config, stores)
+    app.state.serving_vector_stores = ServingVectorStores(config, rag, stores)
+    rag.vector_stores = app.state.serving_vector_stores
     app.state.serving_responses = OpenAIServingResponses(
         models, admission, metrics, rag, responses_store(config),
         app.state.serving_vector_stores)
     app.include_router(router)
+    app.include_router(upload_router)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
 
     async def error(request: Request, exc: Exception) -> JSONResponse:
@@ -179,9 +217,10 @@ def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
 
     for kind in HANDLED:
         app.add_exception_handler(kind, error)
-    app.add_middleware(BodyLimitMiddleware, limit=config.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=config.max_request_bytes,
+                       upload_limit=config.max_upload_bytes)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
-    routes = frozenset(r.path for r in router.routes)
+    routes = frozenset(r.path for r in [*router.routes, *upload_router.routes])
     app.add_middleware(ResponseCountMiddleware, metrics=metrics, routes=routes)  # outermost
     return app

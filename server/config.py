@@ -115,12 +115,25 @@ class ServerConfig:
     grounding_threshold: float = 0.65
     rag_citations: str = "auto"
     attribution_threshold: float = 0.55
+    max_embedding_batch: int = 2048  # OpenAI's limit on one input array (LangChain sends 1000)
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     responses_store_max_count: int = 10_000
     responses_store_max_bytes: int = 256 * 2**20
     responses_store_path: Path | None = None  # None: <cache dir>/responses.sqlite3
     responses_store_persist: bool = True
+    store_dir: Path | None = None  # None: <cache dir>/store
+    max_upload_bytes: int = 100 * 2**20
+    max_stored_bytes: int = 10 * 2**30
+    max_files: int = 10_000
+    max_vector_stores: int = 100
+    max_files_per_vector_store: int = 10_000
+    max_batch_files: int = 2000
+    max_document_chars: int = 10_000_000
+    max_search_query_chars: int = 4096
+    ingest_workers: int = 1
+    ingest_threads: int = 1
+    ingest_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535, "--port", f"must be in 1..65535, got {self.port}")
@@ -170,6 +183,8 @@ class ServerConfig:
                  f"must be one of {CITATION_POLICIES}, got {self.rag_citations!r}")
         _require(-1.0 <= self.attribution_threshold <= 1.0, "--attribution-threshold",
                  f"must be in -1..1 (a cosine), got {self.attribution_threshold}")
+        _require(self.max_embedding_batch >= 1, "--max-embedding-batch",
+                 f"must be >= 1, got {self.max_embedding_batch}")
         _require(self.grounding in GROUNDING_MODES, "--grounding",
                  f"must be one of {GROUNDING_MODES}, got {self.grounding!r}")
         _require(-1.0 <= self.grounding_threshold <= 1.0, "--grounding-threshold",
@@ -185,6 +200,20 @@ class ServerConfig:
                  f"must be >= 1, got {self.responses_store_max_count}")
         _require(self.responses_store_max_bytes >= 1024, "--responses-store-max-bytes",
                  f"must be >= 1024, got {self.responses_store_max_bytes}")
+        for flag, value, least in (
+                ("--max-upload-bytes", self.max_upload_bytes, 1),
+                ("--max-stored-bytes", self.max_stored_bytes, 1),
+                ("--max-files", self.max_files, 1),
+                ("--max-vector-stores", self.max_vector_stores, 1),
+                ("--max-files-per-vector-store", self.max_files_per_vector_store, 1),
+                ("--max-batch-files", self.max_batch_files, 1),
+                ("--max-document-chars", self.max_document_chars, 1),
+                ("--max-search-query-chars", self.max_search_query_chars, 1),
+                ("--ingest-workers", self.ingest_workers, 1),
+                ("--ingest-threads", self.ingest_threads, 1)):
+            _require(value >= least, flag, f"must be >= {least}, got {value}")
+        _require(math.isfinite(self.ingest_timeout) and self.ingest_timeout > 0,
+                 "--ingest-timeout", f"must be > 0 seconds, got {self.ingest_timeout}")
         _require(self.log_level in ("critical", "error", "warning", "info", "debug"),
                  "--log-level", f"must be critical, error, warning, info or debug, got "
                  f"{self.log_level!r}")
@@ -376,6 +405,44 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "(below --grounding-threshold: cited, and reported unsupported; in "
                         "strip mode the higher of the two applies); 0.55 was chosen for the "
                         "default encoder on half of benchmarks/data's questions")
+    r.add_argument("--max-embedding-batch", type=int, default=d.max_embedding_batch,
+                   help="texts per /v1/embeddings request, documents per /v1/rerank, pairs per "
+                        "/v1/score (all from the retriever encoder); more is a 400")
+    add_document_args(p)
+
+
+def add_document_args(p: argparse.ArgumentParser) -> None:
+    """Files and vector stores through the API: where they live, their limits, ingestion."""
+    d = ServerConfig()
+    g = p.add_argument_group("documents (/v1/files, /v1/vector_stores)")
+    g.add_argument("--store-dir", type=Path, default=d.store_dir,
+                   help="where uploaded files, vector stores and their indexes live (default: "
+                        "<cache dir>/store); kept across restarts")
+    g.add_argument("--max-upload-bytes", type=int, default=d.max_upload_bytes,
+                   help="largest file one POST /v1/files may upload (more is a 413)")
+    g.add_argument("--max-stored-bytes", type=int, default=d.max_stored_bytes,
+                   help="total bytes of all uploaded files (an upload past it is a 413)")
+    g.add_argument("--max-files", type=int, default=d.max_files,
+                   help="uploaded files kept at once (an upload past it is a 429)")
+    g.add_argument("--max-vector-stores", type=int, default=d.max_vector_stores,
+                   help="vector stores created through the API, at once")
+    g.add_argument("--max-files-per-vector-store", type=int,
+                   default=d.max_files_per_vector_store)
+    g.add_argument("--max-batch-files", type=int, default=d.max_batch_files,
+                   help="files per POST /v1/vector_stores/{id}/file_batches (OpenAI's is 2000)")
+    g.add_argument("--max-document-chars", type=int, default=d.max_document_chars,
+                   help="characters of text one file may yield (a PDF is read page by page and "
+                        "stopped there); more fails the file with the reason")
+    g.add_argument("--max-search-query-chars", type=int, default=d.max_search_query_chars,
+                   help="characters of a vector store search query")
+    g.add_argument("--ingest-workers", type=int, default=d.ingest_workers,
+                   help="ingestion worker processes (parse, chunk, encode, write the index); "
+                        "each runs at idle CPU priority so serving is not slowed")
+    g.add_argument("--ingest-threads", type=int, default=d.ingest_threads,
+                   help="torch threads of each ingestion worker")
+    g.add_argument("--ingest-timeout", type=float, default=d.ingest_timeout,
+                   help="seconds one ingestion job may take before its worker is killed and "
+                        "its files fail with the reason")
 
 
 @dataclass(frozen=True)

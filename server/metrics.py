@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -63,6 +64,43 @@ class _Series:
         return generate_latest(self.registry)
 
 
+class _StoreCollector:
+    """Gauges read from the document store when Prometheus scrapes."""
+
+    def __init__(self, stores: Any, name: Callable[[], str]) -> None:
+        self.stores = stores
+        self.name = name
+
+    def describe(self) -> list:
+        return []  # read at collect time only: nothing registered twice
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        name = self.name()
+        counts = self.stores.docs.status_counts()
+        files, stored = self.stores.docs.usage()
+        queue = GaugeMetricFamily("ragserve_ingest_queue_depth",
+                                  "Files waiting for or in ingestion.", labels=["model_name"])
+        queue.add_metric([name], counts["in_progress"])
+        yield queue
+        by_status = GaugeMetricFamily("ragserve_vector_store_files",
+                                      "Files in vector stores by status.",
+                                      labels=["model_name", "status"])
+        for status, n in counts.items():
+            by_status.add_metric([name, status], n)
+        yield by_status
+        stored_bytes = GaugeMetricFamily("ragserve_stored_file_bytes",
+                                         "Bytes of the files uploaded through /v1/files.",
+                                         labels=["model_name"])
+        stored_bytes.add_metric([name], stored)
+        yield stored_bytes
+        count = GaugeMetricFamily("ragserve_stored_files", "Files uploaded through /v1/files.",
+                                  labels=["model_name"])
+        count.add_metric([name], files)
+        yield count
+
+
 class Metrics(_Series):
     """The server's own series, the same whichever engine runs. ``max_model_len`` (a value or
     a function read until it gives one: it is known once the model has loaded) sets the bins
@@ -96,7 +134,24 @@ class Metrics(_Series):
         self.http_requests = Counter("ragserve_http_requests",
                                      "HTTP responses by route and status code.",
                                      (*m, "route", "status"), registry=r)
+        self.ingest_seconds = Histogram("ragserve_ingest_seconds",
+                                        "Time of one ingestion job (parse, chunk, encode and "
+                                        "save the files of one store), from dispatch to the "
+                                        "version loaded.", m, buckets=LATENCY_BUCKETS,
+                                        registry=r)
+        self.ingested_files = Counter("ragserve_ingested_files",
+                                      "Files through ingestion jobs (completed or failed).", m,
+                                      registry=r)
         r.register(LengthCollector(self.length_histograms, self._name))
+
+    def watch_stores(self, stores: Any) -> None:
+        """Export the document store's state at each scrape: the ingestion queue, files by
+        status, bytes stored (``stores``: a :class:`server.stores.Stores`)."""
+        self.registry.register(_StoreCollector(stores, self._name))
+
+    def observe_ingest(self, seconds: float, files: int) -> None:
+        self.ingest_seconds.labels(self.model_name).observe(seconds)
+        self.ingested_files.labels(self.model_name).inc(files)
 
     def observe_delivery(self, seconds: float) -> None:
         self._child(self.delivery).observe(seconds)

@@ -155,6 +155,8 @@ class RAGOptions(Strict):
     max_context_tokens: int | None = Field(default=None, ge=1,
                                            description="cap on prompt tokens spent on passages")
     retrieval: RetrievalMode | None = Field(default=None, description=RETRIEVAL_MODE_DOC)
+    vector_store_id: str | None = Field(
+        default=None, description="the vector store to search (default: the server's --index)")
     citations: Literal["auto", "model", "attribute"] | None = Field(
         default=None, description="auto: keep the model's citations and cite its uncited "
         "sentences by attribution; model: only what the model wrote; attribute: only "

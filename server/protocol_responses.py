@@ -1,7 +1,7 @@
-"""OpenAI's Responses API (``POST /v1/responses``) and vector stores (``/v1/vector_stores``):
-request and response models, checked against the openai SDK's types (``openai.types.responses``,
-``openai.types.vector_store*``) so that ``client.responses.create``, ``.stream`` and ``.parse``
-and ``client.vector_stores.search`` read what the server sends.
+"""OpenAI's Responses API (``POST /v1/responses``): request and response models, checked against
+the openai SDK's types (``openai.types.responses``) so that ``client.responses.create``,
+``.stream`` and ``.parse`` read what the server sends (the vector stores' models:
+:mod:`server.protocol_vector_stores`).
 
 Requests are strict as :mod:`server.protocol`'s: an unknown field is a 400 naming it. Fields
 OpenAI defines that ragserve cannot honour are accepted by the schema and refused with a 400
@@ -139,9 +139,10 @@ class FileSearchToolSpec(Strict):
     vector_store_ids: list[str] = Field(min_length=1)
     max_num_results: int | None = Field(default=None, ge=1, le=50)
     filters: dict[str, Any] | None = Field(
-        default=None, description="not supported: a 400 when given")
+        default=None, description="a comparison or compound filter on the files' attributes")
     ranking_options: RankingOptions | None = Field(
-        default=None, description="not supported: a 400 when given")
+        default=None, description="score_threshold only (ranker: 'auto' or 'none'; "
+                                  "hybrid_search: a 400, the index's retrieval mode decides)")
 
 
 TOOL_TYPES = ("function", "file_search")
@@ -397,71 +398,3 @@ class ResponseStreamEvent(BaseModel):
 
     type: str
     sequence_number: int
-
-
-# -- vector stores ---------------------------------------------------------------------------
-
-
-class FileCounts(BaseModel):
-    in_progress: int = 0
-    completed: int
-    failed: int = 0
-    cancelled: int = 0
-    total: int
-
-
-class VectorStore(BaseModel):
-    id: str
-    object: Literal["vector_store"] = "vector_store"
-    created_at: int
-    name: str
-    status: Literal["expired", "in_progress", "completed"]
-    usage_bytes: int
-    file_counts: FileCounts
-    last_active_at: int | None = None
-    metadata: dict[str, str] = Field(default_factory=dict)
-    expires_after: dict[str, Any] | None = None
-    expires_at: int | None = None
-
-
-class VectorStoreList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[VectorStore]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool = False
-
-
-class SearchRankingOptions(Strict):
-    ranker: Literal["none", "auto", "default-2024-11-15"] | None = None
-    score_threshold: float | None = Field(default=None, ge=0, le=1)
-
-
-class VectorStoreSearchRequest(Strict):
-    query: str | list[str] = Field(description="a query, or several (their passages merged)")
-    max_num_results: int = Field(default=10, ge=1, le=50)
-    rewrite_query: bool = Field(default=False, description="false only")
-    filters: dict[str, Any] | None = Field(default=None, description="not supported")
-    ranking_options: SearchRankingOptions | None = Field(
-        default=None, description="not supported: a 400 when given")
-
-
-class SearchContent(BaseModel):
-    type: Literal["text"] = "text"
-    text: str
-
-
-class VectorStoreSearchResult(BaseModel):
-    file_id: str
-    filename: str
-    score: float
-    attributes: dict[str, str | float | bool] = Field(default_factory=dict)
-    content: list[SearchContent]
-
-
-class VectorStoreSearchPage(BaseModel):
-    object: Literal["vector_store.search_results.page"] = "vector_store.search_results.page"
-    search_query: list[str]
-    data: list[VectorStoreSearchResult]
-    has_more: bool = False
-    next_page: str | None = None

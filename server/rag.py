@@ -22,6 +22,7 @@ from server.errors import LOADING_RETRY_SECONDS, APIError, bad_request, retry_af
 from server.protocol import Grounding, RetrieverInfo, Source
 
 if TYPE_CHECKING:
+    from retrieval.encoder import ColBERTEncoder
     from retrieval.grounding import Citer, GroundingReport
     from retrieval.index import PassageIndex
     from retrieval.types import Passage
@@ -40,7 +41,7 @@ RAG_INSTRUCTIONS = (
 def format_passages(passages: Sequence[Passage]) -> str:
     blocks = []
     for n, p in enumerate(passages, 1):
-        where = p.doc_id + (f", page {p.page}" if p.page is not None else "")
+        where = p.name + (f", page {p.page}" if p.page is not None else "")
         blocks.append(f"[{n}] ({where})\n{p.text.strip()}")
     return "\n\n".join(blocks)
 
@@ -61,6 +62,22 @@ def last_user_text(messages: list[dict[str, Any]]) -> str:
             return m["content"]
     raise bad_request("a rag request needs a user message with text: the last user turn is "
                       "the retrieval query", "messages")
+
+
+@dataclass(frozen=True)
+class StoreSearch:
+    """What a ``file_search`` tool asks of :meth:`RAGService.prepare` (chat's ``rag`` options
+    are the other caller): the stores, their filter and score threshold, how many passages."""
+
+    vector_store_ids: list[str]
+    top_k: int | None = None
+    filters: dict[str, Any] | None = None
+    score_threshold: float | None = None
+    retrieval: str | None = None
+    grounding: str | None = None
+    max_context_tokens: int | None = None
+    citations: str | None = None
+    param: str = "vector_store_ids"
 
 
 @dataclass
@@ -95,6 +112,10 @@ class RAGService:
         self.load_seconds: float | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragserve-retriever")
         self._thread: threading.Thread | None = None
+        self._encoder: ColBERTEncoder | None = None
+        # the vector stores (server.serving_vector_stores), set by the app: RAG over a store
+        self.vector_stores: Any = None
+        self._encoder_lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:
@@ -136,6 +157,22 @@ class RAGService:
                  path, self.load_seconds, len(self.index), len(self.index.doc_ids),
                  self.index.backend.name)
 
+    def encoder(self) -> ColBERTEncoder:
+        """The retriever's encoder: the --index's once it is loaded (a 503 before); without
+        --index, --retriever-model or the offline default, loaded on first use (call it on the
+        retriever's thread, :meth:`run`: the first call takes seconds)."""
+        if self.enabled:
+            return self.check_ready().encoder
+        with self._encoder_lock:
+            if self._encoder is None:
+                from retrieval.default_encoder import load_encoder
+                from runtime.loader import default_cache_dir, import_transformers
+
+                import_transformers()
+                self._encoder = load_encoder(self.config.retriever_model,
+                                             self.config.cache_dir or default_cache_dir())
+            return self._encoder
+
     def info(self) -> RetrieverInfo | None:
         if not self.enabled:
             return None
@@ -175,7 +212,18 @@ class RAGService:
         as fit ``limits`` = (largest prefill bucket, max_model_len) with room for the answer
         (``max_tokens``, else --rag-answer-tokens) and ``options.max_context_tokens``."""
         k = options.top_k or self.config.rag_top_k
-        passages = await self.search(last_user_text(messages), k, options.retrieval)
+        query = last_user_text(messages)
+        store_ids = getattr(options, "vector_store_ids", None) or (
+            [options.vector_store_id] if getattr(options, "vector_store_id", None) else None)
+        if store_ids:
+            self.vector_stores.check_ids(store_ids, getattr(options, "param",
+                                                            "rag.vector_store_id"))
+            hits = await self.vector_stores.search_stores(
+                store_ids, [query], k, getattr(options, "filters", None), options.retrieval,
+                getattr(options, "score_threshold", None))
+            passages = [p for p, _ in hits]
+        else:
+            passages = await self.search(query, k, options.retrieval)
         largest, max_model_len = limits
         answer = max_tokens or min(self.config.rag_answer_tokens, max_model_len // 2)
         budget = min(largest, max_model_len - answer)
@@ -198,7 +246,7 @@ class RAGService:
     def citer(self, ctx: RAGContext) -> Citer:
         from retrieval.grounding import Citer
 
-        return Citer(self.check_ready().encoder, [p.text for p in ctx.passages],
+        return Citer(self.encoder(), [p.text for p in ctx.passages],
                      mode=ctx.grounding, citations=ctx.citations,
                      threshold=self.config.grounding_threshold,
                      attribution_threshold=self.config.attribution_threshold)
@@ -207,9 +255,9 @@ class RAGService:
         """Cite and check one finished answer: the text to return and the report."""
         from retrieval.grounding import check
 
-        index = self.check_ready()
+        encoder = self.encoder()
         text, report = await self.run(
-            lambda: check(text, [p.text for p in ctx.passages], index.encoder,
+            lambda: check(text, [p.text for p in ctx.passages], encoder,
                           mode=ctx.grounding, citations=ctx.citations,
                           threshold=self.config.grounding_threshold,
                           attribution_threshold=self.config.attribution_threshold))

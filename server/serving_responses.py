@@ -34,7 +34,7 @@ from server.admission import Admission
 from server.errors import APIError, api_error, bad_request
 from server.metrics import Metrics
 from server.preprocess import chat_prompt_ids, message_dicts, sampling_params
-from server.protocol import ChatCompletionRequest, Grounding, RAGOptions
+from server.protocol import ChatCompletionRequest, Grounding
 from server.protocol_responses import (
     INCLUDABLE,
     UNSUPPORTED,
@@ -48,11 +48,18 @@ from server.protocol_responses import (
     ResponseObject,
     ResponsesRequest,
 )
-from server.rag import CitationFilter, RAGContext, RAGService, SentenceStream, last_user_text
+from server.rag import (
+    CitationFilter,
+    RAGContext,
+    RAGService,
+    SentenceStream,
+    StoreSearch,
+    last_user_text,
+)
 from server.response_store import ResponseStore
 from server.serving import OpenAIServing, Submitted
 from server.serving_models import OpenAIServingModels
-from server.serving_vector_stores import ServingVectorStores, attributes, file_id
+from server.serving_vector_stores import ServingVectorStores, attributes, passage_file
 from server.structured import structured_from_request
 from server.tool_parsers import call_id
 from server.tools import ToolPlan, plan_tools
@@ -163,9 +170,9 @@ class Citations:
             n = int(m.group(1))
             at = self.length + sum(len(p) for p in pieces)
             if 1 <= n <= len(self.passages):
-                doc = self.passages[n - 1].doc_id
-                new.append({"type": "file_citation", "file_id": file_id(doc),
-                            "filename": doc, "index": at})
+                fid, name = passage_file(self.passages[n - 1])
+                new.append({"type": "file_citation", "file_id": fid, "filename": name,
+                            "index": at})
         pieces.append(text[last:])
         out = "".join(pieces)
         self.length += len(out)
@@ -417,7 +424,7 @@ class OpenAIServingResponses(OpenAIServing):
                                   "tool_choice")
             choice = "required"
         if len(search) > 1:
-            raise bad_request("give one file_search tool (this server has one vector store)",
+            raise bad_request("give one file_search tool (it takes several vector_store_ids)",
                               "tools")
         if search and functions:
             raise bad_request("a file_search tool cannot be combined with function tools",
@@ -427,10 +434,15 @@ class OpenAIServingResponses(OpenAIServing):
         tool = search[0]
         self.vector_stores.check_ids(tool.vector_store_ids, "vector_store_ids")
         if tool.filters is not None:
-            raise bad_request("file_search filters are not supported", "filters")
-        if tool.ranking_options is not None:
-            raise bad_request("file_search ranking_options is not supported",
-                              "ranking_options")
+            from retrieval.filters import FilterError, check
+
+            try:
+                check(tool.filters)
+            except FilterError as e:
+                raise bad_request(f"filters: {e}", "filters") from None
+        if tool.ranking_options is not None and tool.ranking_options.hybrid_search is not None:
+            raise bad_request("ranking_options.hybrid_search is not supported: the store's "
+                              "retrieval mode (hybrid by default) decides", "ranking_options")
         if choice == "none":
             return None, []
         if choice not in (None, "auto", "required"):
@@ -454,7 +466,10 @@ class OpenAIServingResponses(OpenAIServing):
     async def _rag_prompt(self, chat: ChatCompletionRequest, info: ModelInfo,
                           tool: FileSearchToolSpec) -> RAGContext:
         return await self.rag.prepare(
-            message_dicts(chat.messages), RAGOptions(top_k=tool.max_num_results),
+            message_dicts(chat.messages), StoreSearch(
+                tool.vector_store_ids, top_k=tool.max_num_results, filters=tool.filters,
+                score_threshold=(tool.ranking_options.score_threshold
+                                 if tool.ranking_options else None)),
             chat.max_completion_tokens, (info.max_prompt_len, info.max_model_len),
             lambda msgs: chat_prompt_ids(info.tokenizer, chat, self.models.chat_template, msgs))
 
@@ -462,7 +477,7 @@ class OpenAIServingResponses(OpenAIServing):
                      rag: RAGContext) -> dict[str, Any]:
         results = None
         if "file_search_call.results" in (req.include or ()):
-            results = [{"file_id": file_id(p.doc_id), "filename": p.doc_id,
+            results = [{"file_id": passage_file(p)[0], "filename": passage_file(p)[1],
                         "score": round(p.score, 6), "text": p.text,
                         "attributes": attributes(p, n)}
                        for n, p in enumerate(rag.passages, 1)]

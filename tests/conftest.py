@@ -95,6 +95,12 @@ def index_dir(docs_dir: Path, tiny_colbert_dir: Path,
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # servers built without --store-dir (most tests) keep uploads out of the user's cache;
+    # tests of files and vector stores give each server a store directory of its own
+    if "RAGSERVE_STORE_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["RAGSERVE_STORE_DIR"] = tempfile.mkdtemp(prefix="ragserve-test-store-")
     if TEST_DTYPE and TEST_DTYPE not in TEST_DTYPES:
         raise pytest.UsageError(f"RAGSERVE_TEST_DTYPE must be one of {', '.join(TEST_DTYPES)} "
                                 f"(or unset), got {TEST_DTYPE!r}")

@@ -158,7 +158,8 @@ API_SERIES = {"ragserve_token_delivery_seconds", "ragserve_retrieval_seconds",
               "ragserve_retrieved_passages", "ragserve_unsupported_citations",
               "ragserve_citations",
               "ragserve_http_requests", "ragserve_prompt_length_tokens",
-              "ragserve_decode_context_length_tokens"}
+              "ragserve_decode_context_length_tokens", "ragserve_ingest_seconds",
+              "ragserve_ingested_files"}
 RAGSERVE_ENGINE_SERIES = {"ragserve_bucket_selected", "ragserve_padding_tokens",
                           "ragserve_engine_step_seconds"}
 SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}

@@ -31,7 +31,8 @@ def fuzz_server(tiny_llama_dir: Path, index_dir: Path, tmp_path_factory: pytest.
         "--model", str(tiny_llama_dir), "--served-model-name", "tiny", "--api-key", KEY,
         "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4",
         "--index", str(index_dir), "--kernels", "step=eager",
-        "--responses-store-persist", "false"], log)  # fuzzed responses: not in ~/.cache
+        "--responses-store-persist", "false",  # fuzzed responses: not in ~/.cache
+        "--store-dir", str(log.parent / "store"), "--max-upload-bytes", "65536"], log)
     try:
         wait_ready(url, AUTH, proc=proc)
         yield url
@@ -53,5 +54,5 @@ def test_every_operation_conforms_to_its_schema(fuzz_server: str, tmp_path: Path
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     summary = proc.stdout[-6000:]
     assert proc.returncode == 0, summary
-    assert "Selected: 18/18" in summary and "Tested: 18" in summary, summary
+    assert "Selected: 39/39" in summary and "Tested: 39" in summary, summary
     print(summary)
