@@ -352,7 +352,7 @@ class PassageIndex:
         pointer = path / f".tmp-{_CURRENT}"
         pointer.write_text(name + "\n")
         os.replace(pointer, path / _CURRENT)
-        _fsync_dir(path)
+        fsync_dir(path)
         self._saved, self._segments, self._deleted = (path, name), segments, deleted
         for old in versions:  # only now is nothing pointing at them
             shutil.rmtree(path / old, ignore_errors=True)
@@ -479,10 +479,10 @@ def _fsync_tree(root: Path) -> None:
         for name in files:
             with open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable (a power cut cannot bring the old name back)."""
     fd = os.open(path, os.O_RDONLY)
     try:

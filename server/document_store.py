@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from retrieval.index import fsync_dir
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
@@ -218,7 +220,7 @@ class DocumentStore:
             final = self.blob_path(sha)
             final.parent.mkdir(exist_ok=True)
             os.replace(tmp, final)  # same content, same name: replacing is harmless
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             return sha, size
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -517,11 +519,3 @@ def _store_row(r: tuple) -> StoreRow:
 def _store_file_row(r: tuple) -> StoreFileRow:
     return StoreFileRow(r[0], r[1], r[2], _loads(r[3]), json.loads(r[4]), json.loads(r[5]),
                         int(r[6]), int(r[7]), int(r[8]), r[9])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -9,8 +9,10 @@ written by one dispatcher at a time. The worker saves a new index version; the s
 (``on_version``) and only then marks the files ``completed``, so a file is ``completed`` once a
 search can find it.
 
-A job that runs past ``--ingest-timeout`` or kills its worker is retried one file at a time; a
-file that does it alone is ``failed`` with the reason, and the next job gets a new worker.
+A job that spends more than ``--ingest-timeout`` seconds of CPU (waiting for the CPU while
+serving is busy does not count, up to ``WALL_FACTOR`` times the timeout) or kills its worker is
+retried one file at a time; a file that does it alone is ``failed`` with the reason, and the
+next job gets a new worker.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +31,10 @@ from server.document_store import DocumentStore, StoreFileRow
 
 log = logging.getLogger("ragserve.ingest")
 
+#: how often a dispatcher looks at a busy worker's CPU time
+POLL_SECONDS = 1.0
+#: a job may wait for the CPU this many times --ingest-timeout before it is given up
+WALL_FACTOR = 20
 JOB_FILES = 64
 JOB_BYTES = 32 * 2**20
 WORKER_START_SECONDS = 300.0
@@ -67,13 +74,31 @@ class _Process:
             raise WorkerDied(f"the ingestion worker could not start: {hello.get('error')}")
         self.pid = hello["pid"]
 
-    def receive(self, timeout: float) -> dict[str, Any]:
-        if not self.conn.poll(timeout):
-            alive = self.proc.is_alive()
-            self.kill()
-            raise WorkerDied(f"ingestion ran past --ingest-timeout ({timeout:g} s)" if alive
-                             else f"the ingestion worker died (exit code "
-                                  f"{self.proc.exitcode})")
+    def cpu_seconds(self) -> float:
+        """CPU time the worker has used (all its threads), from /proc; 0 where unreadable."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def receive(self, timeout: float, on_cpu: bool = False) -> dict[str, Any]:
+        """The worker's answer. ``on_cpu``: ``timeout`` bounds the CPU time the worker spends
+        on it, not the wall clock: at idle priority a job waits while serving is busy, and
+        that wait is not the job's fault (the wall clock is bounded at WALL_FACTOR times)."""
+        start, t0 = self.cpu_seconds(), time.monotonic()
+        while not self.conn.poll(min(timeout, POLL_SECONDS)):
+            used = self.cpu_seconds() - start if on_cpu else time.monotonic() - t0
+            wall = time.monotonic() - t0
+            if not self.proc.is_alive():
+                self.kill()
+                raise WorkerDied(f"the ingestion worker died (exit code {self.proc.exitcode})")
+            if used > timeout or wall > WALL_FACTOR * timeout or (not on_cpu and wall > timeout):
+                self.kill()
+                what = "CPU seconds" if on_cpu and used > timeout else "s"
+                raise WorkerDied(f"ingestion ran past --ingest-timeout ({timeout:g} {what}"
+                                 f"{'' if used > timeout else f', {wall:.0f} s waited'})")
         try:
             return self.conn.recv()
         except (EOFError, OSError):
@@ -87,7 +112,7 @@ class _Process:
         except (BrokenPipeError, OSError):
             self.kill()
             raise WorkerDied("the ingestion worker died") from None
-        return self.receive(timeout)
+        return self.receive(timeout, on_cpu=True)
 
     def kill(self) -> None:
         if self.proc.is_alive():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 from serverutil import start_subprocess, wait_ready
 
 N_FILES = 24
@@ -128,3 +129,41 @@ def _bytes(data: bytes):
     import io
 
     return io.BytesIO(data)
+
+
+def _answer_after(conn, seconds: float, busy: bool) -> None:
+    import time as t
+
+    end = t.monotonic() + seconds
+    while t.monotonic() < end:
+        if not busy:
+            t.sleep(0.05)
+    conn.send({"ok": True})
+
+
+def _child(busy: bool, seconds: float):
+    import multiprocessing
+
+    from server.ingest import _Process
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_answer_after, args=(child, seconds, busy), daemon=True)
+    proc.start()
+    worker = _Process.__new__(_Process)
+    worker.conn, worker.proc = parent, proc
+    return worker
+
+
+def test_the_ingest_timeout_counts_cpu_not_waiting():
+    """A job that waits (here: sleeps, as at idle priority behind busy serving) past the
+    timeout is not killed; one that burns that much CPU is."""
+    from server.ingest import WorkerDied
+
+    waiting = _child(busy=False, seconds=3.0)
+    assert waiting.receive(1.0, on_cpu=True) == {"ok": True}
+    waiting.kill()
+    burning = _child(busy=True, seconds=60.0)
+    with pytest.raises(WorkerDied, match="CPU seconds"):
+        burning.receive(1.0, on_cpu=True)
+    assert not burning.proc.is_alive()
