@@ -441,8 +441,9 @@ def add_document_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ingest-threads", type=int, default=d.ingest_threads,
                    help="torch threads of each ingestion worker")
     g.add_argument("--ingest-timeout", type=float, default=d.ingest_timeout,
-                   help="seconds one ingestion job may take before its worker is killed and "
-                        "its files fail with the reason")
+                   help="CPU seconds one ingestion job may use before its worker is killed "
+                        "and its files are retried one by one, then fail with the reason "
+                        "(waiting for the CPU behind serving does not count, up to 20x)")
 
 
 @dataclass(frozen=True)
