@@ -69,7 +69,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import emit, mean, median, percentile, round_floats
+from benchmarks.common import emit, mean, median, percentile, round_floats, wait_server_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 GOAL_SEARCH_P50_RATIO = 1.2
@@ -208,17 +208,11 @@ class Server:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         t0 = time.perf_counter()
-        deadline = time.monotonic() + args.start_timeout
-        while True:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the server did not become ready: see {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
+        try:
+            wait_server_ready(self.proc, self.url, str(self.log_path), args.start_timeout)
+        except RuntimeError:
+            self.stop()
+            raise
         self.ready_s = time.perf_counter() - t0
         self.http = httpx.Client(base_url=self.url, timeout=120)
 

@@ -146,6 +146,7 @@ class StoreFileRow:
     passages: int
     created_at: int
     batch_id: str | None
+    seq: int  # when it was (re)added: a result for an older add is stale
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,11 @@ class DocumentStore:
     def blob_path(self, sha: str) -> Path:
         return self.blobs / sha[:2] / sha
 
+    def forget_blob(self, sha: str) -> None:
+        """Remove a blob that no file row took (an upload refused after it was written)."""
+        with self._tx() as db:
+            self._drop_blob_if_unused(db, sha)
+
     def _drop_blob_if_unused(self, db: sqlite3.Connection, sha: str) -> None:
         if not db.execute("SELECT 1 FROM files WHERE sha256 = ? LIMIT 1", (sha,)).fetchone():
             self.blob_path(sha).unlink(missing_ok=True)
@@ -256,8 +262,7 @@ class DocumentStore:
                            (row.id, row.filename, row.purpose, row.bytes, row.sha256, row.kind,
                             row.created_at, row.expires_at))
         except StoreError:
-            with self._tx() as db:
-                self._drop_blob_if_unused(db, sha)
+            self.forget_blob(sha)
             raise
         return row
 
@@ -493,11 +498,6 @@ class DocumentStore:
                 sql, args = sql + " AND seq = ?", (*args, seq_added)
             return db.execute(sql, args).rowcount == 1
 
-    def seq(self, store_id: str, file_id: str) -> int | None:
-        rows = self._query("SELECT seq FROM store_files WHERE store_id = ? AND file_id = ?",
-                           (store_id, file_id))
-        return int(rows[0][0]) if rows else None
-
     def expired_files(self, now: float) -> list[str]:
         return [f for (f,) in self._query(
             "SELECT id FROM files WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))]
@@ -518,4 +518,4 @@ def _store_row(r: tuple) -> StoreRow:
 
 def _store_file_row(r: tuple) -> StoreFileRow:
     return StoreFileRow(r[0], r[1], r[2], _loads(r[3]), json.loads(r[4]), json.loads(r[5]),
-                        int(r[6]), int(r[7]), int(r[8]), r[9])
+                        int(r[6]), int(r[7]), int(r[8]), r[9], int(r[10]))

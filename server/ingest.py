@@ -48,7 +48,6 @@ class IngestSettings:
     threads: int = 1
     timeout: float = 600.0
     max_chars: int = 10_000_000
-    chunking_auto: Callable[[], dict[str, int]] | None = None
 
 
 class WorkerDied(RuntimeError):
@@ -72,7 +71,6 @@ class _Process:
         if not hello.get("ready"):
             self.kill()
             raise WorkerDied(f"the ingestion worker could not start: {hello.get('error')}")
-        self.pid = hello["pid"]
 
     def cpu_seconds(self) -> float:
         """CPU time the worker has used (all its threads), from /proc; 0 where unreadable."""
@@ -272,7 +270,6 @@ class Ingestor:
             self.docs.finish(r.store_id, r.file_id, error={
                 "code": "invalid_file", "message": "the file was deleted before it was "
                                                    "ingested"})
-        seqs = {r.file_id: self.docs.seq(r.store_id, r.file_id) for r in files}
         job = {"store_dir": str(self.docs.store_path(store)), "add": add,
                "remove": [o.doc_id for o in ops if o.op == "remove"]}
         t0 = time.perf_counter()
@@ -287,7 +284,7 @@ class Ingestor:
             return
         if "failed" in result:
             for r in files:
-                self._finish(r, seqs, {"error": {"code": "server_error",
+                self._finish(r, {"error": {"code": "server_error",
                                                  "message": result["failed"]}})
             return
         try:
@@ -295,12 +292,12 @@ class Ingestor:
         except Exception as e:  # the new version cannot be read: say so on each file
             log.exception("store %s: version %s did not load", store, result["version"])
             for r in files:
-                self._finish(r, seqs, {"error": {"code": "server_error",
+                self._finish(r, {"error": {"code": "server_error",
                                                  "message": f"the index did not load: {e}"}})
             return
         self.docs.ops_done([o.seq for o in ops])
         for r in files:
-            self._finish(r, seqs, result["files"].get(r.file_id, {"error": {
+            self._finish(r, result["files"].get(r.file_id, {"error": {
                 "code": "server_error", "message": "the worker returned no result"}}))
             self._solo.discard((r.store_id, r.file_id))
         if self.observe is not None and add:
@@ -308,8 +305,8 @@ class Ingestor:
         log.info("store %s: %d files in %.2fs (%d pages, %d passages) -> %s", store, len(add),
                  result["seconds"], result["pages"], result["passages"], result["version"])
 
-    def _finish(self, r: StoreFileRow, seqs: dict[str, int | None], outcome: dict) -> None:
-        self.docs.finish(r.store_id, r.file_id, seq_added=seqs.get(r.file_id),
+    def _finish(self, r: StoreFileRow, outcome: dict) -> None:
+        self.docs.finish(r.store_id, r.file_id, seq_added=r.seq,
                          error=outcome.get("error"), usage_bytes=outcome.get("usage_bytes", 0),
                          passages=outcome.get("passages", 0))
 

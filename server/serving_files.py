@@ -79,14 +79,14 @@ class ServingFiles:
             except StoreError as e:
                 raise _store_error(e) from None
             if size == 0:
-                await loop.run_in_executor(None, self._forget_blob, sha)
+                await loop.run_in_executor(None, docs.forget_blob, sha)
                 raise bad_request("the file is empty (0 bytes)", "file")
             try:
                 with open(docs.blob_path(sha), "rb") as f:
                     head = f.read(1 << 20)
                 kind = sniff(head, upload.filename or "")
             except DocumentError as e:
-                await loop.run_in_executor(None, self._forget_blob, sha)
+                await loop.run_in_executor(None, docs.forget_blob, sha)
                 raise APIError(400, f"unsupported file: {e}", param="file",
                                code="unsupported_file") from None
             try:
@@ -98,10 +98,6 @@ class ServingFiles:
             return file_object(row)
         finally:
             await form.close()
-
-    def _forget_blob(self, sha: str) -> None:
-        with self.stores.docs._tx() as db:
-            self.stores.docs._drop_blob_if_unused(db, sha)
 
     @staticmethod
     def _expires_at(form: Any) -> int | None:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server.document_store import DocumentStore, StoreRow
+from server.document_store import DocumentStore
 from server.ingest import Ingestor, IngestSettings
 
 if TYPE_CHECKING:
@@ -201,9 +201,6 @@ class Stores:
         return out
 
     # -- housekeeping ----------------------------------------------------------------------
-
-    def expired(self, row: StoreRow) -> bool:
-        return row.expired()
 
     def _sweep(self) -> None:
         """Delete files past their ``expires_after``."""
