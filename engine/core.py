@@ -40,6 +40,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: min(model's max positions, 2048)
     max_num_seqs: int = 16
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS  # mixed steps (scheduler)
+    enable_prefix_caching: bool = True  # where the backend can (not on static graphs)
     context_encoding_buckets: tuple[int, ...] | None = None
     token_generation_buckets: tuple[int, ...] | None = None
     max_prefill_batch: int = 4
@@ -115,7 +116,9 @@ class Engine:
             backend.warmup()
         scheduler = Scheduler(buckets, loaded.eos_token_ids, cfg.max_prefill_streak,
                               mixed=backend.runs_mixed,
-                              max_num_batched_tokens=cfg.max_num_batched_tokens)
+                              max_num_batched_tokens=cfg.max_num_batched_tokens,
+                              prefix_caching=cfg.enable_prefix_caching
+                              and backend.reuses_prefixes)
         grammars = GrammarCompiler(loaded.tokenizer, loaded.args.vocab_size,
                                    loaded.eos_token_ids)
         if cfg.warmup:  # xgrammar's tokenizer table (0.2-0.7 s) off the first request's path

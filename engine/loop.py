@@ -183,7 +183,8 @@ class EngineLoop:
             phase=out.phase, bucket=str(out.bucket.seq_len), batch_size=out.bucket.batch_size,
             seconds=now - start,
             num_prompt_tokens=it.num_prompt_tokens, num_generation_tokens=it.num_generation_tokens,
-            num_padding_tokens=it.num_padding_tokens, inter_token_latencies=tuple(itls))))
+            num_padding_tokens=it.num_padding_tokens, inter_token_latencies=tuple(itls),
+            num_cached_tokens=it.num_cached_tokens, num_queried_tokens=it.num_queried_tokens)))
         self._publish_scheduler()
 
     # -- reports -------------------------------------------------------------------------

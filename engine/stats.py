@@ -33,6 +33,8 @@ class StepStats:
     num_generation_tokens: int
     num_padding_tokens: int
     inter_token_latencies: tuple[float, ...]
+    num_cached_tokens: int = 0  # prompt tokens whose KV was held (prefix reuse): not computed
+    num_queried_tokens: int = 0  # prompt tokens looked up in the held prefixes
 
 
 class EngineObserver(Protocol):

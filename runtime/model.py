@@ -262,26 +262,39 @@ class Attention(nn.Module):
 
     def forward_mixed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       mask: torch.Tensor | None, slots: torch.Tensor, positions: torch.Tensor,
-                      num_decode: int, ctx_len: int, prompt_lens: list[int]) -> torch.Tensor:
+                      num_decode: int, ctx_len: int, prompts: list[tuple[int, int, int]]
+                      ) -> torch.Tensor:
         # x: [1, N, D]: num_decode decode rows (row i is slot i), then each prompt's tokens;
-        # slots, positions: [N]; mask: [num_decode, 1, 1, ctx_len]
+        # slots, positions: [N]; mask: [num_decode, 1, 1, ctx_len]; prompts: (tokens, start,
+        # slot) each
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = (t[0] for t in self._qkv(x, cos, sin))  # [N, H or Hkv, hd]
-        self.cache.write_tokens(slots, positions, k, v)
+        cache = self.cache
+        cache.write_tokens(slots, positions, k, v)
         ys = []
         if num_decode:  # the decode rows read the cache, as in forward
-            cache, B = self.cache, num_decode
+            B = num_decode
             y = self.decode_attention(q[:B].unsqueeze(2).to(cache.k.dtype),
                                       cache.k[:B, :, :ctx_len], cache.v[:B, :, :ctx_len], mask)
             ys.append(y.to(x.dtype).reshape(B, H * hd))
-        start = num_decode
-        for n in prompt_lens:  # each prompt: causal over its own keys (it starts at 0)
-            part = slice(start, start + n)
-            y = F.scaled_dot_product_attention(
-                q[part].transpose(0, 1)[None], k[part].transpose(0, 1)[None],
-                v[part].transpose(0, 1)[None], is_causal=True, enable_gqa=Hkv != H)
+        at = num_decode
+        for n, start, slot in prompts:
+            part = slice(at, at + n)
+            qp = q[part].transpose(0, 1)[None]  # [1, H, n, hd]
+            if start == 0:  # causal over its own keys
+                y = F.scaled_dot_product_attention(
+                    qp, k[part].transpose(0, 1)[None], v[part].transpose(0, 1)[None],
+                    is_causal=True, enable_gqa=Hkv != H)
+            else:  # after a held prefix: its slot's keys up to each token's own position
+                end = start + n
+                keep = (torch.arange(end, device=x.device)
+                        <= torch.arange(start, end, device=x.device)[:, None])  # [n, end]
+                y = F.scaled_dot_product_attention(
+                    qp.to(cache.k.dtype), cache.k[slot, :, :end][None],
+                    cache.v[slot, :, :end][None], attn_mask=keep,
+                    enable_gqa=Hkv != H).to(x.dtype)
             ys.append(y[0].transpose(0, 1).reshape(n, H * hd))
-            start += n
+            at += n
         return self.wo(torch.cat(ys)[None])
 
 
@@ -313,9 +326,10 @@ class TransformerBlock(nn.Module):
 
     def forward_mixed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       mask: torch.Tensor | None, slots: torch.Tensor, positions: torch.Tensor,
-                      num_decode: int, ctx_len: int, prompt_lens: list[int]) -> torch.Tensor:
+                      num_decode: int, ctx_len: int, prompts: list[tuple[int, int, int]]
+                      ) -> torch.Tensor:
         h = x + self.attention.forward_mixed(self.attention_norm(x), cos, sin, mask, slots,
-                                             positions, num_decode, ctx_len, prompt_lens)
+                                             positions, num_decode, ctx_len, prompts)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -393,14 +407,17 @@ class Llama(nn.Module):
 
     def forward_mixed(self, input_ids: torch.Tensor, positions: torch.Tensor,
                       slots: torch.Tensor, num_decode: int, ctx_len: int,
-                      prompt_lens: list[int]) -> torch.Tensor:
+                      prompt_lens: list[int], prompt_starts: list[int] | None = None
+                      ) -> torch.Tensor:
         """Logits ``[num_decode + len(prompt_lens), vocab]`` (float32) of a ragged step: one
         token for each of ``num_decode`` decode rows (row i is slot i, reading ``ctx_len``
         positions of the cache: the longest of them), then the last token of each prompt.
 
         input_ids, positions, slots: ``[N]``, the decode rows' tokens first, then each prompt's
-        (positions from 0, all in the prompt's slot). A decode row with no request in its slot
-        is written at :attr:`spare_position`. Every matmul runs once over all ``N`` tokens.
+        (positions from its ``prompt_starts`` entry, default 0, all in the prompt's slot). A
+        prompt starting above 0 attends to the keys its slot holds below its start (a reused
+        prefix). A decode row with no request in its slot is written at
+        :attr:`spare_position`. Every matmul runs once over all ``N`` tokens.
         """
         if num_decode + sum(prompt_lens) != input_ids.shape[0]:
             raise ValueError(f"{input_ids.shape[0]} tokens for {num_decode} decode rows and "
@@ -412,9 +429,15 @@ class Llama(nn.Module):
         if num_decode:
             dec = positions[:num_decode, None]
             mask = (self.key_pos[:ctx_len] <= dec).view(num_decode, 1, 1, ctx_len)
+        starts = prompt_starts or [0] * len(prompt_lens)
+        held = [0] * len(prompt_lens)  # the slot of each prompt after a held prefix
+        if any(starts):
+            lens = torch.tensor(prompt_lens)
+            held = slots[(lens.cumsum(0) - lens + num_decode).to(slots.device)].tolist()
+        prompts = list(zip(prompt_lens, starts, held))
         for layer in self.layers:
             x = layer.forward_mixed(x, cos, sin, mask, slots, positions, num_decode, ctx_len,
-                                    prompt_lens)
+                                    prompts)
         ends = torch.tensor(prompt_lens, device=x.device).cumsum(0) + num_decode - 1
         last = torch.cat([torch.arange(num_decode, device=x.device), ends])
         return self.output(self.norm(x[0, last])).float()

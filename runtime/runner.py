@@ -30,9 +30,12 @@ class BucketedBatch:
         return self.input_ids.numel()
 
     @classmethod
-    def pack(cls, out: SchedulerOutput, scratch_slot: int, exact: bool = False) -> BucketedBatch:
+    def pack(cls, out: SchedulerOutput, scratch_slot: int, exact: bool = False,
+             pad_pos: int = 0) -> BucketedBatch:
         """Prefill: rows stacked, right-padded, padding rows in the scratch slot.
-        Decode: row i is slot i (transformers-neuronx's layout); free slots are padding.
+        Decode: row i is slot i (transformers-neuronx's layout); free slots are padding, at
+        position ``pad_pos`` (-1: the backend's spare position, so a free slot's held prefix
+        survives).
 
         ``exact``: for a backend without static graphs, the bucket's padding is left out: a
         prefill pads only to its longest prompt (at least 2 tokens, which marks a prefill) with
@@ -58,7 +61,7 @@ class BucketedBatch:
                 rows=list(range(len(out.rows))),
             )
         ids = [0] * b.batch_size
-        pos = [0] * b.batch_size
+        pos = [pad_pos] * b.batch_size
         for r in out.rows:
             ids[r.slot] = r.token_ids[0]
             pos[r.slot] = r.start_pos
@@ -84,6 +87,7 @@ class RaggedBatch:
     start_ids: torch.Tensor  # [N]: each token's slot
     num_decode: int
     prompt_lens: list[int]
+    prompt_starts: list[int]  # where each prompt's tokens start (above 0 after a held prefix)
     rows: list[int]
 
     @property
@@ -99,7 +103,7 @@ class RaggedBatch:
             ids[r.slot], pos[r.slot] = r.token_ids[0], r.start_pos
         for r in prompts:
             ids += r.token_ids
-            pos += range(len(r.token_ids))
+            pos += range(r.start_pos, r.start_pos + len(r.token_ids))
             slots += [r.slot] * len(r.token_ids)
         return cls(
             input_ids=torch.tensor(ids),
@@ -107,6 +111,7 @@ class RaggedBatch:
             start_ids=torch.tensor(slots),
             num_decode=n_dec,
             prompt_lens=[len(r.token_ids) for r in prompts],
+            prompt_starts=[r.start_pos for r in prompts],
             rows=[r.slot for r in dec] + [n_dec + j for j in range(len(prompts))],
         )
 
@@ -150,14 +155,22 @@ class ModelRunner:
                 GrammarMatcher(compiled) if compiled is not None else None)
         backend = self.backend
         batch: BucketedBatch | RaggedBatch
+        if out.kv_copies:
+            if not backend.reuses_prefixes:
+                raise ValueError("prefix reuse was scheduled for a backend without it")
+            backend.copy_kv([(c.src, c.dst, c.num_tokens) for c in out.kv_copies])
         if out.is_prefill and backend.runs_mixed:  # prompts, maybe with decode rows
             batch = RaggedBatch.pack(out)
             logits = backend.forward_mixed(batch.input_ids, batch.cache_ids, batch.start_ids,
-                                           batch.num_decode, batch.prompt_lens)
+                                           batch.num_decode, batch.prompt_lens,
+                                           batch.prompt_starts)
         elif out.decode_rows:
             raise ValueError("a mixed step was scheduled for a backend that cannot run one")
+        elif out.num_cached_tokens:
+            raise ValueError("a prompt after a held prefix was scheduled for static graphs")
         else:
-            batch = BucketedBatch.pack(out, backend.scratch_slot, not backend.pads_to_buckets)
+            batch = BucketedBatch.pack(out, backend.scratch_slot, not backend.pads_to_buckets,
+                                       -1 if backend.reuses_prefixes else 0)
             logits = backend.forward(
                 batch.input_ids, batch.cache_ids, batch.start_ids, batch.last_token_id
             )

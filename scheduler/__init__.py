@@ -1,6 +1,7 @@
 """Requests, KV slots and token-level continuous batching. Standard library only."""
 
 from scheduler.outputs import (
+    KVCopy,
     ModelRunnerOutput,
     NewRequestData,
     ScheduledRow,
@@ -31,6 +32,7 @@ __all__ = [
     "FinishReason",
     "GenerationRequest",
     "IterationStats",
+    "KVCopy",
     "ModelRunnerOutput",
     "NewRequestData",
     "Request",

@@ -24,12 +24,23 @@ class NewRequestData:
 
 @dataclass(frozen=True)
 class ScheduledRow:
-    """One row of the batch: feed ``token_ids`` at positions ``start_pos...`` into ``slot``."""
+    """One row of the batch: feed ``token_ids`` at positions ``start_pos...`` into ``slot``
+    (a prompt row starts above 0 when its slot holds the prompt's first ``start_pos`` tokens)."""
 
     request_id: str
     slot: int
     token_ids: tuple[int, ...]
     start_pos: int
+
+
+@dataclass(frozen=True)
+class KVCopy:
+    """Before the step runs: copy positions ``0..num_tokens-1`` of slot ``src``'s KV into slot
+    ``dst`` (a prompt's shared prefix, held by another slot)."""
+
+    src: int
+    dst: int
+    num_tokens: int
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,9 @@ class SchedulerOutput:
     finished_request_ids: frozenset[str] = frozenset()
     # running requests advancing one token inside this prefill step (a mixed step)
     decode_rows: tuple[ScheduledRow, ...] = ()
+    # prefixes copied between slots before the step (prefix reuse); a prompt row whose
+    # ``start_pos`` is above 0 starts after the tokens its slot holds
+    kv_copies: tuple[KVCopy, ...] = ()
 
     @property
     def phase(self) -> str:
@@ -61,7 +75,13 @@ class SchedulerOutput:
 
     @property
     def num_prompt_tokens(self) -> int:
+        """Prompt tokens computed this step (a reused prefix is not)."""
         return sum(len(r.token_ids) for r in self.rows) if self.is_prefill else 0
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens this step's prompts skip: their KV was held already."""
+        return sum(r.start_pos for r in self.rows) if self.is_prefill else 0
 
     @property
     def num_tokens(self) -> int:

@@ -15,6 +15,16 @@ admits waiting prompts into the same step, first come first served, while slots 
 the step stays within ``max_num_batched_tokens`` (vLLM's policy and flag; the queue's head is
 always admitted when a slot is free, so a long prompt never waits for the budget). Decode never
 stalls for a prefill, and the matmuls read their weights once for both.
+
+With ``prefix_caching`` (a backend that runs prompts at exact shapes, ``Backend.
+reuses_prefixes``), a slot keeps the tokens whose KV it holds after its request finishes, until
+the slot is allocated again. A new prompt starts after the longest prefix it shares with any
+slot, free or running (the instructions every RAG request starts with, a conversation's earlier
+turns re-sent on every agent step): its row's ``start_pos`` is the shared length, and when the
+prefix is in another slot than the one the request gets (always the lowest free one, which keeps
+decode steps compact) the step first copies it there (``SchedulerOutput.kv_copies``). SGLang
+keeps a radix tree for this and vLLM hashes blocks; with one slot per sequence a linear scan of
+the slots is the whole index.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from collections.abc import Iterable
 
 from bucketing import PREFILL, Bucket, BucketConfig, select
 from scheduler.outputs import (
+    KVCopy,
     ModelRunnerOutput,
     NewRequestData,
     ScheduledRow,
@@ -85,6 +96,29 @@ def check_fits(prompt_len: int, max_tokens: int | None, *, max_model_len: int,
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
 
+def common_prefix(a: tuple[int, ...], b: tuple[int, ...], limit: int) -> int:
+    """How many leading tokens ``a`` and ``b`` share, at most ``limit`` (slices compare in C).
+
+    >>> common_prefix((1, 2, 3, 4), (1, 2, 5), 10)
+    2
+    >>> common_prefix((1, 2, 3), (1, 2, 3), 2)
+    2
+    """
+    hi = min(len(a), len(b), limit)
+    if hi <= 0 or a[0] != b[0]:
+        return 0
+    if a[:hi] == b[:hi]:
+        return hi
+    lo = 1  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 class Scheduler:
     """Decides, each step, which requests run and in which bucket; owns slot ids."""
 
@@ -99,6 +133,7 @@ class Scheduler:
         *,
         mixed: bool = False,
         max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        prefix_caching: bool = False,
     ) -> None:
         if max_prefill_streak < 1:
             raise ValueError(f"max_prefill_streak must be >= 1, got {max_prefill_streak}")
@@ -109,6 +144,7 @@ class Scheduler:
         self.max_prefill_streak = max_prefill_streak
         self.mixed = mixed
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefix_caching = prefix_caching
         self.slots = SlotPool(buckets.max_num_seqs)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -116,6 +152,8 @@ class Scheduler:
         self.last_iteration: IterationStats | None = None
         self._finished_ids: set[str] = set()
         self._prefill_streak = 0
+        self.prefix_queries = 0  # prompt tokens looked up in the held prefixes (vLLM's count)
+        self.prefix_hits = 0  # of which found: not computed
 
     # -- requests in and out -------------------------------------------------------------
 
@@ -177,23 +215,50 @@ class Scheduler:
     def _schedule_prefill(self, finished: frozenset[str],
                           chosen: list[Request] | None = None) -> SchedulerOutput:
         chosen = chosen or self._pick_prefill()
-        new, rows = [], []
+        new, rows, copies = [], [], []
         for req in chosen:
             self.waiting.remove(req)
-            req.slot = self.slots.allocate()
+            req.slot, reused, copy = self._place(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             params, prompt = req.sampling_params, req.prompt_token_ids
             new.append(NewRequestData(req.request_id, req.slot, prompt, params))
-            rows.append(ScheduledRow(req.request_id, req.slot, prompt, 0))
-        longest = max(r.num_prompt_tokens for r in chosen)
+            rows.append(ScheduledRow(req.request_id, req.slot, prompt[reused:], reused))
+            if copy is not None:
+                copies.append(copy)
+        longest = max(len(r.token_ids) for r in rows)
         if self.mixed:  # exact shapes: any number of prompts, no batch bucket
             bucket = Bucket(PREFILL, len(chosen),
                             select(self.buckets.context_encoding_buckets, longest, "prompt length"))
         else:
             bucket = self.buckets.prefill(longest, len(chosen))
-        return SchedulerOutput(bucket, tuple(rows), tuple(new), finished)
+        return SchedulerOutput(bucket, tuple(rows), tuple(new), finished,
+                               kv_copies=tuple(copies))
 
+    def _place(self, req: Request) -> tuple[int, int, KVCopy | None]:
+        """``req``'s slot (the lowest free one), how many of its prompt tokens it skips, and
+        the copy that brings them there. At most all but the last prompt token are reused: the
+        last one runs, its logits give the first output token."""
+        if not self.prefix_caching:
+            return self.slots.allocate(), 0, None
+        prompt = req.prompt_token_ids
+        limit = len(prompt) - 1
+        best, src = 0, -1
+        for slot, held in self.slots.held().items():
+            n = common_prefix(prompt, held, limit)
+            if n > best or (n == best and n and slot == self.slots.lowest_free()):
+                best, src = n, slot
+        for other in self.running:
+            if other.num_computed_tokens > best:
+                n = common_prefix(prompt, _computed(other), limit)
+                if n > best:
+                    best, src = n, other.slot
+        self.prefix_queries += len(prompt)
+        self.prefix_hits += best
+        slot = self.slots.allocate()
+        if best == 0:
+            return slot, 0, None
+        return slot, best, None if src == slot else KVCopy(src, slot, best)
     def _pick_prefill(self) -> list[Request]:
         """The head of the queue plus later prompts in the same context bucket, within the
         free slots, the largest prefill batch bucket and ``max_prefill_tokens``."""
@@ -256,7 +321,7 @@ class Scheduler:
             req = self.requests.get(row.request_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # finished while the step ran
-            req.num_computed_tokens += len(row.token_ids)
+            req.num_computed_tokens = row.start_pos + len(row.token_ids)
             req.output_token_ids.append(token)
             reason = req.check_stop(self.buckets.max_model_len)
             if reason is not None:
@@ -313,7 +378,9 @@ class Scheduler:
             self.waiting.remove(req)
         elif req.status == RequestStatus.RUNNING:
             self.running.remove(req)
-            self.slots.free(req.slot)
+            # a failed step may have left its rows' KV half written: keep nothing from them
+            keep = self.prefix_caching and reason != FinishReason.ERROR
+            self.slots.free(req.slot, _computed(req) if keep else ())
             req.slot = None
             self._finished_ids.add(req.request_id)
         req.status = RequestStatus.for_reason(reason)
@@ -333,6 +400,9 @@ class Scheduler:
             num_padding_tokens=(out.padding_tokens if computed is None
                                 else computed - out.num_tokens),
             num_decode_rows=len(out.decode_rows) if out.is_prefill else len(out.rows),
+            num_cached_tokens=out.num_cached_tokens,
+            num_queried_tokens=(out.num_prompt_tokens + out.num_cached_tokens
+                                if self.prefix_caching else 0),
         )
 
     def stats(self) -> SchedulerStats:
@@ -344,3 +414,11 @@ class Scheduler:
             kv_tokens_used=sum(r.num_computed_tokens for r in self.running),
             kv_tokens_capacity=self.slots.num_slots * self.buckets.max_model_len,
         )
+
+
+def _computed(req: Request) -> tuple[int, ...]:
+    """The tokens whose KV ``req``'s slot holds (from position 0)."""
+    n = req.num_computed_tokens
+    if n <= req.num_prompt_tokens:
+        return req.prompt_token_ids[:n]
+    return req.prompt_token_ids + tuple(req.output_token_ids[:n - req.num_prompt_tokens])

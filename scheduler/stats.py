@@ -39,6 +39,8 @@ class IterationStats:
     num_generation_tokens: int
     num_padding_tokens: int
     num_decode_rows: int = 0  # rows advancing one token (all of a decode step's)
+    num_cached_tokens: int = 0  # prompt tokens skipped: their KV was held (prefix reuse)
+    num_queried_tokens: int = 0  # prompt tokens looked up in the held prefixes
 
     @property
     def num_tokens(self) -> int:

@@ -90,6 +90,7 @@ class ServerConfig:
     max_model_len: int | None = None
     max_num_seqs: int = 16
     max_num_batched_tokens: int | None = None  # None: 2048 (vLLM's CPU default); vLLM: its own
+    enable_prefix_caching: bool | None = None  # None: on where the engine can (vLLM: its own)
     tensor_parallel_size: int = 1
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"
@@ -144,6 +145,10 @@ class ServerConfig:
                  or not (self.compile or self.device == "neuron"), "--max-num-batched-tokens",
                  "bounds ragserve's mixed prefill/decode steps, which static bucket graphs "
                  "(--compile, --device neuron) do not run")
+        _require(self.enable_prefix_caching is not True or self.engine == "vllm"
+                 or not (self.compile or self.device == "neuron"), "--enable-prefix-caching",
+                 "needs prompts that start after a held prefix, which static bucket graphs "
+                 "(--compile, --device neuron) do not run: their prompts start at position 0")
         _require(self.max_model_len is None or self.max_model_len >= 2, "--max-model-len",
                  f"must be >= 2, got {self.max_model_len}")
         _require(self.tensor_parallel_size >= 1, "--tensor-parallel-size",
@@ -254,6 +259,7 @@ class ServerConfig:
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=(self.max_num_batched_tokens
                                     or EngineConfig.max_num_batched_tokens),
+            enable_prefix_caching=self.enable_prefix_caching is not False,
             context_encoding_buckets=self.context_encoding_buckets,
             token_generation_buckets=self.token_generation_buckets,
             compile=self.compile, kernels=self.kernels,
@@ -331,6 +337,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="tokens one engine step may run: the running requests' next tokens "
                         "plus the prompts admitted with them (default 2048, vLLM's on CPU; "
                         "with --engine vllm, vLLM's default)")
+    e.add_argument("--enable-prefix-caching", type=_bool, nargs="?", const=True,
+                   default=d.enable_prefix_caching, metavar="BOOL",
+                   help="start a prompt after the longest prefix whose KV a slot still holds "
+                        "(a finished request's until its slot is needed, or a running one's). "
+                        "Default: on, except on static bucket graphs (--compile, --device "
+                        "neuron), which start every prompt at position 0; with --engine vllm, "
+                        "vLLM's default (on)")
+    e.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false", default=d.enable_prefix_caching,
+                   help="vLLM's spelling of --enable-prefix-caching false")
     e.add_argument("--engine-process", type=_bool, nargs="?", const=True,
                    default=d.engine_process, metavar="BOOL",
                    help="run ragserve's engine loop in a process of its own, so that the HTTP "
@@ -480,7 +496,8 @@ def _read_env(p: argparse.ArgumentParser,
     variables: dict[str, str] = {}
     for action in p._actions:
         flag = next((s for s in action.option_strings if s.startswith("--")), None)
-        if flag is None or action.dest not in known or env_name(flag) not in environ:
+        if (flag is None or action.dest not in known or env_name(flag) not in environ
+                or isinstance(action, argparse._StoreConstAction)):  # --no-X: X's variable
             continue
         raw = environ[env_name(flag)]
         try:

@@ -212,6 +212,12 @@ class EngineMetrics(_Series):
                               registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
                                      m, registry=r)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries",
+                                      "Prefix cache queries, in terms of number of queried "
+                                      "tokens.", m, registry=r)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits",
+                                   "Prefix cache hits, in terms of number of cached tokens.", m,
+                                   registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens",
                                          "Number of generation tokens processed.", m, registry=r)
         self.success = Counter("vllm:request_success", "Count of finished requests.",
@@ -264,7 +270,10 @@ class EngineMetrics(_Series):
 
     def on_step(self, stats: StepStats) -> None:
         name, phase = self.model_name, stats.phase
-        self.prompt_tokens.labels(name).inc(stats.num_prompt_tokens)
+        # vLLM counts a prompt's cached tokens as processed too
+        self.prompt_tokens.labels(name).inc(stats.num_prompt_tokens + stats.num_cached_tokens)
+        self.prefix_queries.labels(name).inc(stats.num_queried_tokens)
+        self.prefix_hits.labels(name).inc(stats.num_cached_tokens)
         self.generation_tokens.labels(name).inc(stats.num_generation_tokens)
         self.iteration_tokens.labels(name).observe(
             stats.num_prompt_tokens + stats.num_generation_tokens)

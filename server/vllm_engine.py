@@ -115,6 +115,11 @@ def engine_kwargs(config: ServerConfig, model: str, served_name: str,
         kw["max_model_len"] = config.max_model_len
     if config.max_num_batched_tokens is not None:
         kw["max_num_batched_tokens"] = config.max_num_batched_tokens
+    if config.enable_prefix_caching is not None:
+        if "enable_prefix_caching" in dict(config.vllm_args):
+            raise ConfigError("--vllm-arg enable_prefix_caching: set by --enable-prefix-caching "
+                              "too; give one of them")
+        kw["enable_prefix_caching"] = config.enable_prefix_caching
     if "device" in fields:  # releases before the platform was detected
         kw["device"] = config.device
     extra = dict(config.vllm_args)

@@ -205,6 +205,7 @@ class StubBackend:
         self.scratch_slot = buckets.max_num_seqs
         self.pads_to_buckets = True
         self.runs_mixed = False
+        self.reuses_prefixes = False
 
     def warmup(self) -> None:
         pass

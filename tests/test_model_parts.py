@@ -131,3 +131,33 @@ def test_mixed_step_matches_separate_prefill_and_decode(dtype):
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
     for got, want in zip(refs[1], refs[0]):
         torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prompt_after_a_held_prefix_matches_the_whole_prompt(dtype):
+    """A prompt's suffix run after its prefix's KV (copied from another slot) gives the logits
+    and cache the whole prompt gives, next to a decode row and a prompt from position 0."""
+    prompt = [3, 4, 5, 6, 7, 8, 9, 10]
+    refs = []
+    for reuse in (False, True):
+        model = tiny_llama(dtype)
+        with torch.inference_mode():
+            ids = torch.tensor([[30, 31, 32]])  # slot 0 runs: a decode row in the step
+            model(ids, torch.arange(3)[None], torch.tensor([0]), torch.tensor([2]))
+            if reuse:  # slot 3 holds the first 5 prompt tokens; the prompt goes to slot 1
+                ids = torch.tensor([prompt[:5]])
+                model(ids, torch.arange(5)[None], torch.tensor([3]), torch.tensor([4]))
+                for layer in model.layers:
+                    c = layer.attention.cache
+                    c.k[1, :, :5], c.v[1, :, :5] = c.k[3, :, :5], c.v[3, :, :5]
+                ids, pos, start = prompt[5:], list(range(5, 8)), [5, 0]
+            else:
+                ids, pos, start = prompt, list(range(8)), [0, 0]
+            logits = model.forward_mixed(
+                torch.tensor([40, *ids, 11, 12]), torch.tensor([3, *pos, 0, 1]),
+                torch.tensor([0] + [1] * len(ids) + [2, 2]), 1, 4, [len(ids), 2], start)
+            cache = model.layers[-1].attention.cache
+            refs.append((logits, cache.k[:3, :, :8].clone(), cache.v[:3, :, :8].clone()))
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    for got, want in zip(refs[1], refs[0]):
+        torch.testing.assert_close(got.float(), want.float(), **tol)

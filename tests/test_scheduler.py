@@ -380,3 +380,81 @@ def test_mixed_respects_free_slots_and_a_failed_step_fails_only_its_prompts():
 def test_max_num_batched_tokens_must_be_positive():
     with pytest.raises(ValueError, match="max_num_batched_tokens must be >= 1"):
         make_scheduler(mixed=True, max_num_batched_tokens=0)
+
+
+# -- prefix reuse ------------------------------------------------------------------------------
+
+
+def prompt_req(rid, ids, max_tokens=3):
+    return GenerationRequest(rid, tuple(ids), SamplingParams(max_tokens=max_tokens))
+
+
+def drain(s: Scheduler, **kw):
+    while s.has_unfinished():
+        step(s, **kw)
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_a_prompt_starts_after_the_prefix_a_finished_slot_holds(mixed):
+    s = make_scheduler(max_num_seqs=2, mixed=mixed, prefix_caching=True)
+    system = list(range(100, 120))
+    s.add_request(prompt_req("a", [*system, 1, 2, 3], max_tokens=3))
+    drain(s, token=9)  # a: 23 prompt tokens + 2 of its 3 outputs computed, in slot 0
+    s.add_request(prompt_req("b", [*system, 1, 2, 3, 9, 9, 9, 4]))  # the next turn
+    out = s.schedule()
+    row = out.rows[0]
+    # the held 25 tokens (a's prompt and first two outputs) are skipped; its slot is slot 0
+    assert (row.slot, row.start_pos, row.token_ids) == (0, 25, (9, 4))
+    assert out.kv_copies == ()
+    s.update(out, run(out))
+    assert s.requests["b"].num_computed_tokens == 27
+    it = s.last_iteration
+    assert (it.num_prompt_tokens, it.num_cached_tokens, it.num_queried_tokens) == (2, 25, 27)
+    assert (s.prefix_queries, s.prefix_hits) == (23 + 27, 25)
+
+
+def test_a_prefix_held_by_a_running_request_is_copied_into_the_new_slot():
+    s = make_scheduler(max_num_seqs=3, mixed=True, prefix_caching=True)
+    system = list(range(200, 216))
+    s.add_request(prompt_req("a", [*system, 1], max_tokens=10))
+    step(s)
+    s.add_request(prompt_req("b", [*system, 2, 3]))
+    out = s.schedule()
+    (row,) = out.rows
+    assert (row.slot, row.start_pos, row.token_ids) == (1, 16, (2, 3))
+    assert [(c.src, c.dst, c.num_tokens) for c in out.kv_copies] == [(0, 1, 16)]
+
+
+def test_the_last_prompt_token_always_runs_and_failed_or_reallocated_slots_hold_nothing():
+    s = make_scheduler(max_num_seqs=1, mixed=True, prefix_caching=True)
+    s.add_request(prompt_req("a", [5, 6, 7, 8], max_tokens=1))
+    drain(s)
+    s.add_request(prompt_req("same", [5, 6, 7, 8], max_tokens=1))
+    out = s.schedule()
+    assert (out.rows[0].start_pos, out.rows[0].token_ids) == (3, (8,))  # logits need a token
+    s.fail_step(out)  # the step raised: what the slot holds is not trusted
+    assert s.slots.held() == {}
+    s.add_request(prompt_req("again", [5, 6, 7, 8], max_tokens=1))
+    out = s.schedule()
+    assert out.rows[0].start_pos == 0
+
+
+def test_without_prefix_caching_every_prompt_starts_at_zero():
+    s = make_scheduler(max_num_seqs=2, mixed=True)
+    s.add_request(prompt_req("a", [5, 6, 7, 8], max_tokens=1))
+    drain(s)
+    s.add_request(prompt_req("b", [5, 6, 7, 8, 9], max_tokens=1))
+    out = s.schedule()
+    assert out.rows[0].start_pos == 0 and out.kv_copies == ()
+    assert s.slots.held() == {} and s.last_iteration.num_queried_tokens == 0
+
+
+def test_slot_pool_forgets_what_an_allocated_slot_held():
+    pool = SlotPool(3)
+    a, b = pool.allocate(), pool.allocate()
+    pool.free(b, (1, 2, 3))
+    pool.free(a)
+    assert pool.held() == {1: (1, 2, 3)} and pool.lowest_free() == 0
+    assert pool.allocate(1) == 1 and pool.held() == {}
+    with pytest.raises(ValueError, match="not free"):
+        pool.allocate(1)

@@ -73,6 +73,11 @@ def test_vllm_args_pass_through_and_unknown_keys_are_refused():
     with pytest.raises(ConfigError, match="max_model_len: set by ragserve's own flag "
                                           "--max-model-len"):
         engine_kwargs(cfg(vllm_args=(("max_model_len", 9),)), "/m", "s", FIELDS)
+    assert engine_kwargs(cfg(enable_prefix_caching=False), "/m", "s",
+                         FIELDS)["enable_prefix_caching"] is False
+    with pytest.raises(ConfigError, match="set by --enable-prefix-caching too"):
+        engine_kwargs(cfg(enable_prefix_caching=True,
+                          vllm_args=(("enable_prefix_caching", True),)), "/m", "s", FIELDS)
 
 
 def test_override_neuron_config_goes_where_the_installed_vllm_reads_it():

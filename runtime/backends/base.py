@@ -13,12 +13,18 @@ bucket by the model runner:
 Returns float32 logits ``[B, vocab]``.
 
 A backend with ``runs_mixed`` also runs ragged steps,
-``forward_mixed(input_ids, cache_ids, start_ids, num_decode, prompt_lens)``: flat ``[N]``
-tensors holding one token for each of ``num_decode`` decode rows (row ``i`` is slot ``i``;
-``cache_ids`` -1 marks a row with no request), then every token of each prompt (its positions
-from 0, its slot on every token). It returns logits ``[num_decode + len(prompt_lens), vocab]``:
-each decode row's, then each prompt's last token's. The scheduler then puts waiting prompts
-into the running requests' decode steps (vLLM's mixed batches).
+``forward_mixed(input_ids, cache_ids, start_ids, num_decode, prompt_lens, prompt_starts)``: flat
+``[N]`` tensors holding one token for each of ``num_decode`` decode rows (row ``i`` is slot
+``i``; ``cache_ids`` -1 marks a row with no request), then every token of each prompt (its
+positions from ``prompt_starts[j]``, its slot on every token). It returns logits
+``[num_decode + len(prompt_lens), vocab]``: each decode row's, then each prompt's last token's.
+The scheduler then puts waiting prompts into the running requests' decode steps (vLLM's mixed
+batches).
+
+A backend with ``reuses_prefixes`` runs a prompt from a start above 0 (attending to the
+keys its slot holds below the start) and copies held prefixes between slots (``copy_kv``), so
+the scheduler may skip a prompt's shared prefix. Static graphs (Neuron) compile prompts from
+position 0 only: there it stays off.
 
 Everything above the backend (scheduler, runner, server)
 is the same code for every backend.
@@ -43,6 +49,7 @@ class Backend(Protocol):
     # bucket padding out
     pads_to_buckets: bool
     runs_mixed: bool  # forward_mixed is available (only without static graphs)
+    reuses_prefixes: bool  # forward_mixed takes prompt starts above 0, copy_kv works
 
     def forward(
         self,
@@ -59,7 +66,12 @@ class Backend(Protocol):
         start_ids: torch.Tensor,
         num_decode: int,
         prompt_lens: list[int],
+        prompt_starts: list[int] | None = None,
     ) -> torch.Tensor: ...
+
+    def copy_kv(self, copies: list[tuple[int, int, int]]) -> None:
+        """For each ``(src, dst, n)``: positions ``0..n-1`` of slot ``src``'s KV into ``dst``."""
+        ...
 
     def warmup(self) -> None:
         """Prepare (compile, load, run once) every bucket's graph."""

@@ -351,6 +351,7 @@ class NeuronBackend:
         self.scratch_slot = buckets.max_num_seqs
         self.pads_to_buckets = True  # one compiled graph per bucket
         self.runs_mixed = False  # prefill and decode are separate graphs
+        self.reuses_prefixes = False  # context-encoding graphs start at position 0
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache_ids: torch.Tensor,
@@ -374,10 +375,14 @@ class NeuronBackend:
         return out
 
     def forward_mixed(self, input_ids: torch.Tensor, cache_ids: torch.Tensor,
-                      start_ids: torch.Tensor, num_decode: int, prompt_lens: list[int]
-                      ) -> torch.Tensor:
+                      start_ids: torch.Tensor, num_decode: int, prompt_lens: list[int],
+                      prompt_starts: list[int] | None = None) -> torch.Tensor:
         raise NotImplementedError("Neuron runs prefill and decode as separate static graphs; "
                                   "the scheduler never sends it a mixed step")
+
+    def copy_kv(self, copies: list[tuple[int, int, int]]) -> None:
+        raise NotImplementedError("prefix reuse is off on Neuron: its context-encoding graphs "
+                                  "start every prompt at position 0")
 
     def start_background_compile(self) -> None:
         """Nothing to build after load: every graph is neuronx-cc's, compiled before ready."""

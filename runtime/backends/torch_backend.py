@@ -45,6 +45,7 @@ class TorchBackend:
         self.compile = compile
         self.pads_to_buckets = compile
         self.runs_mixed = not compile  # forward_mixed: decode rows and prompts in one call
+        self.reuses_prefixes = not compile  # prompts may start after a held prefix
         self.device = model.tok_embeddings.weight.device
         self.vocab_size = model.args.vocab_size
         self.scratch_slot = buckets.max_num_seqs  # one slot past the real ones
@@ -312,13 +313,24 @@ class TorchBackend:
         if ctx > self.buckets.max_model_len:
             raise ValueError(f"context length {ctx} exceeds max_model_len "
                              f"({self.buckets.max_model_len})")
+        if int(cache_ids.min()) < 0:  # rows of free slots: at the spare position
+            pos = cache_ids.masked_fill(cache_ids < 0, self.model.spare_position).to(dev)
+            args = (args[0], pos, *args[2:])
         step = self._decode_compiled or self.model
         return step(*args, ctx_len=ctx)
 
     @torch.inference_mode()
+    def copy_kv(self, copies: list[tuple[int, int, int]]) -> None:
+        for src, dst, n in copies:
+            for layer in self.model.layers:
+                cache = layer.attention.cache
+                cache.k[dst, :, :n] = cache.k[src, :, :n]
+                cache.v[dst, :, :n] = cache.v[src, :, :n]
+
+    @torch.inference_mode()
     def forward_mixed(self, input_ids: torch.Tensor, cache_ids: torch.Tensor,
-                      start_ids: torch.Tensor, num_decode: int, prompt_lens: list[int]
-                      ) -> torch.Tensor:
+                      start_ids: torch.Tensor, num_decode: int, prompt_lens: list[int],
+                      prompt_starts: list[int] | None = None) -> torch.Tensor:
         if not self.runs_mixed:
             raise NotImplementedError("static per-bucket graphs (--compile) run prefill and "
                                       "decode as separate calls")
@@ -330,7 +342,7 @@ class TorchBackend:
         pos = cache_ids.to(dev)
         pos = pos.masked_fill(pos < 0, self.model.spare_position)  # decode rows of free slots
         return self.model.forward_mixed(input_ids.to(dev), pos, start_ids.to(dev), num_decode,
-                                        ctx, prompt_lens)
+                                        ctx, prompt_lens, prompt_starts)
 
     def warmup(self) -> None:
         """Make sure no request meets a compile stall. Static graphs: run every bucket once
