@@ -7,9 +7,11 @@ ones, as chat traffic is; or ``uniform``), with ``ignore_eos`` so every request 
 its length. The same engine (model, buckets, runner) runs twice:
 
 - continuous: ragserve's scheduler as the server runs it; a finished request's slot is refilled
-  on the next step (with the PyTorch backend, prompts join the running decode step: mixed steps);
-- separate (continuous, prefill and decode in separate steps, as with static graphs), reported
-  as ``mixed_vs_separate`` when the engine runs mixed steps;
+  on the next step (with the PyTorch backend, prompts join the running decode step where the
+  step costs measured at startup say that saves time, else run in a step apart);
+- mixed (continuous, every prompt joins the decode step) and separate (continuous, prefill and
+  decode in separate steps, as with static graphs), reported as ``mixed_vs_separate`` and
+  ``continuous_vs_best_fixed`` when the engine runs mixed steps;
 - static: a batch is admitted together (up to ``max_num_seqs`` waiting requests) and nothing
   joins until every request in it has finished.
 
@@ -130,17 +132,21 @@ def main() -> None:
     engine = Engine.from_config(EngineConfig(model=args.model, dtype=args.dtype,
                                              device=args.device, max_model_len=1024,
                                              max_num_seqs=seqs))
-    engine.start_background_compile()  # the kernels settle as a server's would, before timing
-    engine.runner.backend.step_settled.wait()
     own = engine.scheduler
     buckets, eos = own.buckets, own.eos_token_ids
     policies = {
         "continuous": lambda: Scheduler(buckets, eos, mixed=own.mixed,
-                                        max_num_batched_tokens=own.max_num_batched_tokens),
+                                        max_num_batched_tokens=own.max_num_batched_tokens,
+                                        prefix_caching=own.prefix_caching,
+                                        step_costs=own.step_costs),
         "static": lambda: StaticBatchScheduler(buckets, eos),
     }
     if own.mixed:
-        policies["separate"] = lambda: Scheduler(buckets, eos)
+        policies["mixed"] = lambda: Scheduler(buckets, eos, mixed=True,
+                                              max_num_batched_tokens=own.max_num_batched_tokens,
+                                              prefix_caching=own.prefix_caching)
+        policies["separate"] = lambda: Scheduler(buckets, eos,
+                                                 prefix_caching=own.prefix_caching)
     results: dict[str, list[dict]] = {name: [] for name in policies}
     for r in range(rounds):
         for name, make in policies.items():
@@ -163,6 +169,7 @@ def main() -> None:
         "mean_output_len": mean(outs),
         "throughput_ratio_continuous_vs_static": median(ratios),
         "ratio_bound_static_idle": static_idle_bound(outs, seqs),
+        "fraction_of_bound": median(ratios) / static_idle_bound(outs, seqs),
         "continuous_tok_s": med("continuous", "tok_s"),
         "static_tok_s": med("static", "tok_s"),
         "continuous_e2e_p50_s": med("continuous", "e2e_p50_s"),
@@ -177,7 +184,12 @@ def main() -> None:
     }
     if own.mixed:
         result["mixed_vs_separate"] = median(
-            [c["tok_s"] / s["tok_s"] for c, s in zip(results["continuous"], results["separate"])])
+            [c["tok_s"] / s["tok_s"] for c, s in zip(results["mixed"], results["separate"])])
+        result["continuous_vs_best_fixed"] = median(
+            [c["tok_s"] / max(m["tok_s"], s["tok_s"]) for c, m, s in
+             zip(results["continuous"], results["mixed"], results["separate"])])
+        result["step_costs"] = own.step_costs.summary() if own.step_costs else None
+        result["mixed_tok_s"] = med("mixed", "tok_s")
         result["separate_tok_s"] = med("separate", "tok_s")
         result["separate_ttft_p50_s"] = med("separate", "ttft_p50_s")
         result["separate_e2e_p50_s"] = med("separate", "e2e_p50_s")

@@ -1,15 +1,25 @@
-"""Three servers, one after another, one client: ragserve on its engine, ragserve on vLLM's
-engine (``--engine vllm``) and vLLM's own API server, all on the same model, measured with
-``vllm bench serve`` (random prompts, ``--ignore-eos``) at each concurrency.
+"""Servers one after another, one client: ragserve on its engine, ragserve on vLLM's engine
+(``--engine vllm``) and vLLM's own API server (and, with ``--only``, ragserve with prefix reuse
+off: ``ragserve-noreuse``), all on the same model, measured with ``vllm bench serve``
+(``--ignore-eos``) at each concurrency. The load starts as soon as each server answers a
+one-token request, as a load balancer would send it traffic.
+
+``--dataset random`` (the default): random prompts of ``--input-len`` tokens.
+``--dataset prefix_repetition``: ``--num-prefixes`` shared prefixes of ``--prefix-len`` tokens,
+each prompt one of them plus ``--suffix-len`` tokens of its own (vLLM's dataset), with vLLM's
+prefix caching on.
 
 For each server: cold start to ready, peak resident memory of its process tree (every 0.2 s
 from /proc, start to stop), and per concurrency the output tok/s and the TTFT and TPOT p50/p99
 as ``vllm bench serve`` reports them. The last line is one JSON object with the ratios
-ragserve-on-vLLM / vLLM (the cost of our API and RAG layer; goal within 5%) and ragserve's engine
-/ vLLM. Run it through ``benchmarks/compare_engines.sh``, which builds both venvs.
+ragserve-on-vLLM / vLLM (the cost of our API and RAG layer; goal within 5%), ragserve's engine
+/ vLLM, and ragserve with reuse / without. Run it through ``benchmarks/compare_engines.sh``,
+which builds both venvs.
 
     python -m benchmarks.compare_engines --model-dir DIR --name NAME \\
         [--concurrency 16 64] [--prompts-per-concurrency 8] [--input-len 128 --output-len 64]
+        [--dataset prefix_repetition --prefix-len 512 --suffix-len 64 --num-prefixes 4]
+        [--only ragserve ragserve-noreuse vllm]
 """
 
 from __future__ import annotations
@@ -39,20 +49,36 @@ def servers(args: argparse.Namespace) -> list[tuple[str, list[str], dict[str, st
               str(args.max_num_seqs)]
     rag = [str(args.ragserve_python), "-m", "server", *common]
     vpy = str(args.vllm_python)
+    reuse = ["--enable-prefix-caching"] if args.dataset == "prefix_repetition" else []
     return [
         ("ragserve", rag, {}),
-        ("ragserve-vllm", [vpy, "-m", "server", *common, "--engine", "vllm"], VLLM_ENV),
-        ("vllm", [vpy, "-m", "vllm.entrypoints.openai.api_server", *common], VLLM_ENV),
+        ("ragserve-noreuse", [*rag, "--no-enable-prefix-caching"], {}),
+        ("ragserve-vllm", [vpy, "-m", "server", *common, "--engine", "vllm", *reuse],
+         VLLM_ENV),
+        ("vllm", [vpy, "-m", "vllm.entrypoints.openai.api_server", *common, *reuse], VLLM_ENV),
     ]
+
+
+DEFAULT_SERVERS = ("ragserve", "ragserve-vllm", "vllm")
+
+
+def dataset_args(args: argparse.Namespace) -> list[str]:
+    if args.dataset == "prefix_repetition":
+        return ["--dataset-name", "prefix_repetition",
+                "--prefix-repetition-prefix-len", str(args.prefix_len),
+                "--prefix-repetition-suffix-len", str(args.suffix_len),
+                "--prefix-repetition-num-prefixes", str(args.num_prefixes),
+                "--prefix-repetition-output-len", str(args.output_len)]
+    return ["--dataset-name", "random", "--random-input-len", str(args.input_len),
+            "--random-output-len", str(args.output_len)]
 
 
 def bench(args: argparse.Namespace, concurrency: int) -> dict:
     """One ``vllm bench serve`` run against the server on ``args.port``."""
     cmd = [str(args.vllm_python), "-m", "benchmarks.vllm_bench", "--backend", "openai-chat",
            "--endpoint", "/v1/chat/completions", "--base-url", f"http://127.0.0.1:{args.port}",
-           "--model", args.name, "--tokenizer", str(args.model_dir),
-           "--dataset-name", "random", "--random-input-len", str(args.input_len),
-           "--random-output-len", str(args.output_len), "--ignore-eos",
+           "--model", args.name, "--tokenizer", str(args.model_dir), *dataset_args(args),
+           "--ignore-eos",
            "--num-prompts", str(concurrency * args.prompts_per_concurrency),
            "--max-concurrency", str(concurrency), "--seed", str(args.seed),
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99"]
@@ -77,9 +103,7 @@ def measure(name: str, cmd: list[str], env: dict[str, str], args: argparse.Names
             ready_s = wait_ready(proc, f"http://127.0.0.1:{args.port}", args.name,
                                  args.start_timeout, log_path) - t0
             print(f"{name}: ready in {ready_s:.1f}s", flush=True)
-            settled_s = wait_kernels(f"http://127.0.0.1:{args.port}", args.start_timeout) - t0
-            if settled_s > ready_s + 1:
-                print(f"{name}: kernels settled at {settled_s:.1f}s", flush=True)
+            pending = kernels_pending(f"http://127.0.0.1:{args.port}")
             for c in args.concurrency:
                 r = bench(args, c)
                 runs[str(c)] = r
@@ -89,23 +113,19 @@ def measure(name: str, cmd: list[str], env: dict[str, str], args: argparse.Names
                       f"{r['failed']} failed", flush=True)
         finally:
             stop(proc, sampler, timeout=90)
-    return {"ready_s": ready_s, "kernels_settled_s": settled_s,
+    return {"ready_s": ready_s, "kernels_pending_at_ready": pending,
             "peak_rss_gib": sampler.peak / 2**30, "runs": runs}
 
 
-def wait_kernels(url: str, timeout: float) -> float:
-    """When ragserve's engine has settled its kernels (``ragserve_kernels_pending`` 0: the
-    compiled decode step built and timed in the background), so the load measures the steady
-    state; at once for servers without that series. A ``time.perf_counter()``."""
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        text = httpx.get(f"{url}/metrics", timeout=30).text
-        pending = [line for line in text.splitlines()
-                   if line.startswith("ragserve_kernels_pending{")]
-        if not pending or all(line.rsplit(" ", 1)[1] in ("0", "0.0") for line in pending):
-            return time.perf_counter()
-        time.sleep(1)
-    raise TimeoutError(f"kernels not settled after {timeout:.0f}s")
+def kernels_pending(url: str) -> bool | None:
+    """Whether ragserve's engine was still building kernels when the load started
+    (``ragserve_kernels_pending``; None for servers without that series)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    pending = [line for line in text.splitlines()
+               if line.startswith("ragserve_kernels_pending{")]
+    if not pending:
+        return None
+    return any(line.rsplit(" ", 1)[1] not in ("0", "0.0") for line in pending)
 
 
 def wait_ready(proc: subprocess.Popen, url: str, name: str, timeout: float, log: Path
@@ -152,9 +172,14 @@ def main() -> None:
                    help="prompts per run = concurrency x this")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--dataset", choices=["random", "prefix_repetition"], default="random")
+    p.add_argument("--prefix-len", type=int, default=512)
+    p.add_argument("--suffix-len", type=int, default=64)
+    p.add_argument("--num-prefixes", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8431)
-    p.add_argument("--only", nargs="+", default=None, help="run only these servers")
+    p.add_argument("--only", nargs="+", default=list(DEFAULT_SERVERS),
+                   help="the servers to run: ragserve, ragserve-noreuse, ragserve-vllm, vllm")
     p.add_argument("--ragserve-python", type=Path, default=Path(".venv/bin/python"))
     p.add_argument("--vllm-python", type=Path, default=Path(".venv-vllm/bin/python"))
     p.add_argument("--start-timeout", type=float, default=1800.0)
@@ -164,9 +189,12 @@ def main() -> None:
     args.log_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, cmd, env in servers(args):
-        if args.only is None or name in args.only:
+        if name in args.only:
             results[name] = measure(name, cmd, env, args)
-    out = {"concurrency": args.concurrency, "input_len": args.input_len,
+    out = {"concurrency": args.concurrency, "dataset": args.dataset,
+           "input_len": (args.input_len if args.dataset == "random"
+                         else f"{args.prefix_len} shared ({args.num_prefixes} prefixes) + "
+                              f"{args.suffix_len}"),
            "output_len": args.output_len, "max_num_seqs": args.max_num_seqs,
            "dtype": args.dtype, "model": args.name,
            "servers": {n: {**round_floats({k: v for k, v in r.items() if k != "runs"}),
@@ -177,6 +205,9 @@ def main() -> None:
     if {"ragserve", "vllm"} <= results.keys():
         out["ragserve_over_vllm"] = round_floats(
             ratios(results["ragserve"], results["vllm"], args.concurrency))
+    if {"ragserve", "ragserve-noreuse"} <= results.keys():
+        out["reuse_over_noreuse"] = round_floats(
+            ratios(results["ragserve"], results["ragserve-noreuse"], args.concurrency))
     args.quick = False
     emit("compare_engines", args, out)
 

@@ -70,8 +70,6 @@ def main() -> None:
                                              device=args.device, max_model_len=512,
                                              max_num_seqs=1, kernels=args.kernels))
     backend = engine.runner.backend
-    engine.start_background_compile()
-    backend.step_settled.wait()
     model = backend.model
     buf = torch.rand(256 * 2**20)  # 1 GiB float32, random
     params = SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True)

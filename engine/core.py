@@ -114,11 +114,14 @@ class Engine:
                                cache_dir=cfg.cache_dir)
         if cfg.warmup:
             backend.warmup()
+            if on_progress is not None and not backend.step_settled.is_set():
+                on_progress("compiling the decode step (cached for later starts)", 0.5)
+            backend.settle()  # before ready: nothing compiles on the serving cores later
         scheduler = Scheduler(buckets, loaded.eos_token_ids, cfg.max_prefill_streak,
                               mixed=backend.runs_mixed,
                               max_num_batched_tokens=cfg.max_num_batched_tokens,
                               prefix_caching=cfg.enable_prefix_caching
-                              and backend.reuses_prefixes)
+                              and backend.reuses_prefixes, step_costs=backend.step_costs)
         grammars = GrammarCompiler(loaded.tokenizer, loaded.args.vocab_size,
                                    loaded.eos_token_ids)
         if cfg.warmup:  # xgrammar's tokenizer table (0.2-0.7 s) off the first request's path
@@ -189,10 +192,12 @@ class Engine:
         self.output.add(rid, ids, params)
         return rid
 
-    def start_background_compile(self) -> None:
+    def settle_kernels(self) -> None:
         """Let the backend build and time what may replace its warm path (the PyTorch
-        backend's compiled decode step, runtime.kernels) while this engine serves."""
-        self.runner.backend.start_background_compile()
+        backend's compiled decode step, runtime.kernels) now; ``from_config`` does this when it
+        warms up."""
+        self.runner.backend.settle()
+        self.scheduler.step_costs = getattr(self.runner.backend, "step_costs", None)
 
     def kernel_report(self) -> tuple[dict[str, str], bool] | None:
         """The backend's implementation per shape class, and whether one is still pending."""

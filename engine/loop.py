@@ -100,7 +100,6 @@ class EngineLoop:
         self._set_status(state=EngineState.READY, load_seconds=time.perf_counter() - t0)
         self._flush()
         log.info("engine ready in %.1fs", self._status.load_seconds)
-        engine.start_background_compile()  # serves eagerly meanwhile
         while True:
             self._publish_kernels()
             if self._apply_commands():

@@ -18,8 +18,8 @@ Shape classes and their candidates:
 - ``decode_step``: the whole decode forward ``eager`` or ``compiled`` (``torch.compile``
   with dynamic shapes: one graph for every batch size from 2 up and every context length, one
   more for batch 1; fused elementwise ops, the chosen linear kept as an opaque op). It compiles
-  on a background thread while eager serves, with inductor's cache under the project's cache
-  dir, and is switched in only if it measures faster.
+  before the engine reports ready, with inductor's cache under the project's cache dir, and is
+  used only if it measures faster (a cached choice of eager skips the compile).
 
 ``--kernels`` (``RAGSERVE_KERNELS``) is ``auto`` or ``key=value`` items that pin some choices and
 leave the rest to timing: ``linear=plain`` (both phases), ``attention=sdpa``, ``step=compiled``.

@@ -26,6 +26,7 @@ from scheduler.scheduler import (
 )
 from scheduler.slots import SlotPool
 from scheduler.stats import IterationStats, SchedulerStats
+from scheduler.step_costs import StepCosts
 
 __all__ = [
     "DEFAULT_MAX_NUM_BATCHED_TOKENS",
@@ -44,6 +45,7 @@ __all__ = [
     "SchedulerOutput",
     "SchedulerStats",
     "SlotPool",
+    "StepCosts",
     "StepOutput",
     "StructuredKind",
     "StructuredOutput",

@@ -14,7 +14,10 @@ prefill steps while requests run: each step advances every running request by on
 admits waiting prompts into the same step, first come first served, while slots are free and
 the step stays within ``max_num_batched_tokens`` (vLLM's policy and flag; the queue's head is
 always admitted when a slot is free, so a long prompt never waits for the budget). Decode never
-stalls for a prefill, and the matmuls read their weights once for both.
+stalls for a prefill, and the matmuls read their weights once for both. Given ``step_costs``
+measured on the machine (scheduler/step_costs.py), a step whose prompts would cost the running
+requests more inside their decode step than in a step apart runs them apart instead, under
+the separate policy above.
 
 With ``prefix_caching`` (a backend that runs prompts at exact shapes, ``Backend.
 reuses_prefixes``), a slot keeps the tokens whose KV it holds after its request finishes, until
@@ -46,6 +49,7 @@ from scheduler.outputs import (
 from scheduler.request import FinishReason, GenerationRequest, Request, RequestStatus
 from scheduler.slots import SlotPool
 from scheduler.stats import IterationStats, SchedulerStats
+from scheduler.step_costs import StepCosts
 
 
 class RequestTooLongError(ValueError):
@@ -134,6 +138,7 @@ class Scheduler:
         mixed: bool = False,
         max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
         prefix_caching: bool = False,
+        step_costs: StepCosts | None = None,
     ) -> None:
         if max_prefill_streak < 1:
             raise ValueError(f"max_prefill_streak must be >= 1, got {max_prefill_streak}")
@@ -145,6 +150,7 @@ class Scheduler:
         self.mixed = mixed
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefix_caching = prefix_caching
+        self.step_costs = step_costs
         self.slots = SlotPool(buckets.max_num_seqs)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -290,7 +296,17 @@ class Scheduler:
             chosen.append(req)
             budget -= req.num_prompt_tokens
         if not chosen:
+            self._prefill_streak = 0
             return self._schedule_decode(finished)
+        if self.running and self.step_costs is not None and not self.step_costs.joins(
+                max(r.slot for r in self.running) + 1, sum(r.num_prompt_tokens for r in chosen)):
+            # joining costs more here than a step apart: the separate policy, for this step
+            if self._prefill_streak < self.max_prefill_streak:
+                self._prefill_streak += 1
+                return self._schedule_prefill(finished, chosen)
+            self._prefill_streak = 0
+            return self._schedule_decode(finished)
+        self._prefill_streak = 0
         decode = self._decode_rows()  # before the new requests join the running ones
         return dataclasses.replace(self._schedule_prefill(finished, chosen), decode_rows=decode)
 

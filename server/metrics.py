@@ -259,7 +259,7 @@ class EngineMetrics(_Series):
                                  registry=r)
         self.kernels_pending = Gauge("ragserve_kernels_pending",
                                      "1 while a compiled decode step is being built and timed "
-                                     "in the background (eager serves meanwhile).", m,
+                                     "(before ready: 0 whenever the engine serves).", m,
                                      registry=r)
 
     def on_scheduler(self, stats: SchedulerStats) -> None:

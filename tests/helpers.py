@@ -210,7 +210,7 @@ class StubBackend:
     def warmup(self) -> None:
         pass
 
-    def start_background_compile(self) -> None:
+    def settle(self) -> None:
         pass
 
     def kernel_report(self) -> None:

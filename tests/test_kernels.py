@@ -46,11 +46,11 @@ def test_the_fastest_candidate_is_used_and_cached(tiny_llama_dir, tmp_path, monk
     k = backend.kernels
     assert (k.prefill_linear, k.decode_linear, k.decode_attention) == (
         winner["linear"], winner["linear"], winner["attention"])
-    assert k.decode_step == "eager" and backend.step_pending  # compiled later, in background
+    assert k.decode_step == "eager" and backend.step_pending  # warmup=False: not yet settled
     assert set(backend.timings) == {"prefill_linear", "decode_linear", "decode_attention"}
 
-    engine.start_background_compile()
-    assert backend.step_settled.wait(300)
+    engine.settle_kernels()
+    assert backend.step_settled.is_set()
     assert backend.kernels.decode_step == winner["step"]
     assert (backend._decode_compiled is not None) == (winner["step"] == "compiled")
     [out] = engine.generate(["hello"], SamplingParams(max_tokens=8, temperature=0,
@@ -67,6 +67,11 @@ def test_the_fastest_candidate_is_used_and_cached(tiny_llama_dir, tmp_path, monk
     assert again.step_pending == (winner["step"] == "compiled")
     [cache_file] = (tmp_path / "kernels").glob("*.json")
     assert f'"decode_step": "{winner["step"]}"' in cache_file.read_text()
+    # ... and the step costs the scheduler chooses by, measured once on the first start
+    assert engine.scheduler.step_costs is backend.step_costs is not None
+    assert '"step_costs"' in cache_file.read_text()
+    again.settle()
+    assert again.step_costs == backend.step_costs
 
 
 def test_pins_win_over_timing_and_the_cache_key_separates_machines(tiny_llama_dir, tmp_path,
@@ -106,8 +111,8 @@ def test_a_failed_compile_leaves_eager_serving(tiny_llama_dir, tmp_path, monkeyp
 
     monkeypatch.setattr(TorchBackend, "_compile_decode", broken)
     engine = Engine.from_config(config(tiny_llama_dir, tmp_path, "linear=plain,attention=matmul"))
-    engine.start_background_compile()
-    assert engine.runner.backend.step_settled.wait(60)
+    engine.settle_kernels()
+    assert engine.runner.backend.step_settled.is_set()
     assert engine.runner.backend.kernels.decode_step == "eager"
     assert "compiled decode step is unavailable (RuntimeError: no C++ compiler)" in caplog.text
     [out] = engine.generate(["hi"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))

@@ -12,6 +12,7 @@ from scheduler import (
     Scheduler,
     SchedulerOutput,
     SlotPool,
+    StepCosts,
 )
 
 EOS = 2
@@ -458,3 +459,38 @@ def test_slot_pool_forgets_what_an_allocated_slot_held():
     assert pool.allocate(1) == 1 and pool.held() == {}
     with pytest.raises(ValueError, match="not free"):
         pool.allocate(1)
+
+
+# -- the step policy, from measured step costs --------------------------------------------------
+
+
+def costs(mixed_extra: float) -> StepCosts:
+    """Decode 10 ms, prompts alone 20 ms; a mixed step costs their sum plus ``mixed_extra``."""
+    return StepCosts((1, 4), (16, 256), (0.010, 0.010), (0.020, 0.020),
+                     ((0.030 + mixed_extra,) * 2,) * 2)
+
+
+@pytest.mark.parametrize("extra", [-0.005, 0.005], ids=["mixing-saves", "mixing-costs"])
+def test_a_prompt_joins_the_decode_step_only_where_the_measured_costs_say_it_saves(extra):
+    s = make_scheduler(max_num_seqs=4, mixed=True, step_costs=costs(extra))
+    s.add_request(req("a", n_prompt=10, max_tokens=9))
+    step(s)
+    s.add_request(req("b", n_prompt=20, max_tokens=5))
+    out, _ = step(s)
+    if extra < 0:
+        assert out.phase == "mixed" and [r.request_id for r in out.decode_rows] == ["a"]
+    else:  # the separate policy: b's prompt alone, then a decode step of both
+        assert out.phase == "prefill" and out.decode_rows == ()
+        assert [r.request_id for r in out.rows] == ["b"]
+        s.add_request(req("c", n_prompt=20, max_tokens=5))
+        out, _ = step(s)  # no two prefill steps in a row while requests decode
+        assert out.phase == "decode" and [r.request_id for r in out.rows] == ["a", "b"]
+        out, _ = step(s)
+        assert out.phase == "prefill" and [r.request_id for r in out.rows] == ["c"]
+
+
+def test_step_costs_refuse_a_ragged_grid():
+    with pytest.raises(ValueError, match="one time per grid point"):
+        StepCosts((1, 4), (16,), (0.01,), (0.02,), ((0.03,),))
+    c = costs(0.0)
+    assert StepCosts.from_json(c.to_json()) == c

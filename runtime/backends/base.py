@@ -77,9 +77,9 @@ class Backend(Protocol):
         """Prepare (compile, load, run once) every bucket's graph."""
         ...
 
-    def start_background_compile(self) -> None:
-        """Build what may replace a warm path later, on a background thread (a no-op where
-        nothing is left to build)."""
+    def settle(self) -> None:
+        """Build and time what may replace the warm path (a compiled decode step), before the
+        engine reports ready (a no-op where nothing is left to build)."""
         ...
 
     def kernel_report(self) -> tuple[dict[str, str], bool] | None:

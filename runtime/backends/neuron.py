@@ -384,7 +384,7 @@ class NeuronBackend:
         raise NotImplementedError("prefix reuse is off on Neuron: its context-encoding graphs "
                                   "start every prompt at position 0")
 
-    def start_background_compile(self) -> None:
+    def settle(self) -> None:
         """Nothing to build after load: every graph is neuronx-cc's, compiled before ready."""
 
     def kernel_report(self) -> None:

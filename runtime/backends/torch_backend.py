@@ -5,9 +5,9 @@ Two ways to run, chosen by ``compile``:
 - ``compile=False`` (the default): calls run at their exact shapes. A decode reads the cache up
   to the longest live sequence, a prefill pads only to the longest prompt in its batch: bucket
   padding buys nothing without static graphs. Each shape class runs the implementation timed
-  fastest on this machine (runtime.kernels), and the decode step may switch to a
-  ``torch.compile`` graph with dynamic shapes, compiled on a background thread while eager
-  serves.
+  fastest on this machine (runtime.kernels), and the decode step may be a ``torch.compile``
+  graph with dynamic shapes, compiled and timed against eager before the engine reports ready
+  (:meth:`TorchBackend.settle`; inductor's cache makes later starts on the machine cheaper).
 - ``compile=True``: one static-shape ``torch.compile`` graph per bucket, every call padded to
   its bucket: the CPU/CUDA analogue of one neuronx-cc graph per bucket (for checking that
   path, and for devices where static graphs pay).
@@ -30,6 +30,7 @@ from tqdm import tqdm
 from bucketing import DECODE, PREFILL, Bucket, BucketConfig, select
 from runtime import kernels as K
 from runtime.model import Llama, pack_weight, packed_linear
+from scheduler import StepCosts
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,12 @@ class TorchBackend:
         self.timings: dict[str, dict[str, float]] = {}
         self._decode_compiled: Callable[..., torch.Tensor] | None = None
         self.compiled_decode: Callable[..., torch.Tensor] | None = None  # built, maybe unused
-        self._step_thread: threading.Thread | None = None
         self._cache_key: dict = {}
         self._cache_file: Path | None = None
         self._step_cached = False  # the cache already says which decode step is faster
         self.step_pending = False  # a compiled decode step is still to be built and timed
         self.step_settled = threading.Event()  # the decode step's choice is final
+        self.step_costs: StepCosts | None = None  # measured by settle() (mixed steps only)
         if compile:
             if self.pinned.get("decode_step") == "compiled" or "packed" in self.pinned.values():
                 raise ValueError("--compile builds static per-bucket graphs of plain linears; "
@@ -89,7 +90,7 @@ class TorchBackend:
     def _choose_kernels(self) -> K.Kernels:
         """Pinned choices, else cached ones, else timed here: linear and attention now, the
         decode step once its graph is compiled (until then it is ``eager`` with
-        :attr:`step_pending` set; :meth:`start_background_compile` settles it)."""
+        :attr:`step_pending` set; :meth:`settle` settles it)."""
         from runtime.loader import default_cache_dir
 
         can = K.available(self.device, self.model.tok_embeddings.weight.dtype)
@@ -263,15 +264,62 @@ class TorchBackend:
     def kernel_report(self) -> tuple[dict[str, str], bool]:
         return dataclasses.asdict(self.kernels), self.step_pending
 
-    def start_background_compile(self) -> None:
-        """Settle the decode step on a background thread while eager serves (a no-op when it
-        is settled already)."""
-        if self.step_settled.is_set() or self._step_thread is not None:
-            return
+    def settle(self) -> None:
+        """Build and time the compiled decode step, then time the step shapes the scheduler
+        chooses between (:class:`scheduler.StepCosts`), now, on this thread (cached per machine;
+        a no-op once done). The engine does this before it reports ready: compiling on the
+        serving cores while requests run slowed them for as long as it took (BENCHMARKS.md,
+        "Ready is full speed")."""
+        if not self.step_settled.is_set():
+            self._settle_step()
+        if self.runs_mixed and self.step_costs is None:
+            cached = self.timings.get("step_costs")
+            try:
+                self.step_costs = StepCosts.from_json(cached) if cached else None
+            except (KeyError, TypeError, ValueError):
+                self.step_costs = None
+            if self.step_costs is None:
+                t = time.perf_counter()
+                self.step_costs = self._time_steps()
+                self.timings["step_costs"] = self.step_costs.to_json()
+                if self._cache_file is not None:
+                    self._save({k: getattr(self.kernels, k) for k in K.CHOICES})
+                log.info("timed step shapes in %.1fs", time.perf_counter() - t)
+            log.info("a prompt joins the decode step where that saves time (saving per step: "
+                     "%s)", self.step_costs.summary())
 
-        self._step_thread = threading.Thread(target=self._settle_step, name="ragserve-compile",
-                                             daemon=True)
-        self._step_thread.start()
+    def _time_steps(self) -> StepCosts:
+        """Seconds of a decode step (as decode steps run: compiled when it won), of prompts
+        alone and of both in one mixed step, at 1 and ``max_num_seqs`` decode rows and 32 and
+        256 prompt tokens. Decode rows write only the spare position and prompts only the
+        scratch slot, so nothing a request holds is touched."""
+        b, dev, model = self.buckets, self.device, self.model
+        rows = sorted({1, b.max_num_seqs})
+        tokens = sorted({max(2, min(n, b.max_model_len - 1)) for n in (32, 256)})
+        ctx = min(b.max_model_len, 256)
+        step = self._decode_compiled if self._decode_compiled is not None else model
+
+        def mixed(r: int, n: int) -> None:
+            with torch.inference_mode():
+                pos = [model.spare_position] * r + list(range(n))
+                slots = list(range(r)) + [self.scratch_slot] * n
+                model.forward_mixed(torch.zeros(r + n, dtype=torch.long, device=dev),
+                                    torch.tensor(pos, device=dev),
+                                    torch.tensor(slots, device=dev), r, ctx, [n])
+
+        alone = K.time_calls({n: functools.partial(mixed, 0, n) for n in tokens}, reps=2)
+        decode, joined = [], []
+        for r in rows:
+            t = K.time_calls({"decode": functools.partial(self._spare_decode_timed, step, r, ctx),
+                              **{n: functools.partial(mixed, r, n) for n in tokens}}, reps=2)
+            decode.append(t.pop("decode"))
+            joined.append(tuple(t[n] for n in tokens))
+        return StepCosts(tuple(rows), tuple(tokens), tuple(decode),
+                         tuple(alone[n] for n in tokens), tuple(joined))
+
+    def _spare_decode_timed(self, fn: Callable[..., torch.Tensor], rows: int, ctx: int) -> None:
+        with torch.inference_mode():
+            self._spare_decode(fn, rows, ctx)
 
     # -- running -------------------------------------------------------------------------
 
@@ -347,7 +395,7 @@ class TorchBackend:
     def warmup(self) -> None:
         """Make sure no request meets a compile stall. Static graphs: run every bucket once
         (compiling it). Exact shapes: one small prefill and decode (library start-up), and the
-        compiled decode step when it is pinned (otherwise it settles in the background)."""
+        compiled decode step when it is pinned (otherwise :meth:`settle` builds and times it)."""
         t0 = time.perf_counter()
         buckets = self.buckets.all_buckets() if self.compile else [
             Bucket(PREFILL, 1, self.buckets.context_encoding_buckets[0]),
