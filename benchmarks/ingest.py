@@ -483,15 +483,6 @@ def at_once_while_chatting(server: Server, ids: Sequence[str], args: argparse.Na
     return b, load
 
 
-def wait_quiet(server: Server, timeout: float = 900) -> float:
-    """Until the engine has settled its kernels (nothing timed in the background)."""
-    from benchmarks.compare_engines import wait_kernels
-
-    t0 = time.perf_counter()
-    wait_kernels(server.url, timeout)
-    return time.perf_counter() - t0
-
-
 # -- the run ------------------------------------------------------------------------------------
 
 
@@ -535,7 +526,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         server = Server(args, work, work / "fresh-index", env, max_files)
         out["server"] = {"ready_s": server.ready_s, "cmd": " ".join(server.cmd[1:])}
         try:
-            out["server"]["kernels_wait_s"] = wait_quiet(server)
             warm = server.create_store("warm-up")  # starts the worker: its encoder load
             t0 = time.perf_counter()
             server.add(warm, [server.upload(docs / "repo-overview.md")])

@@ -289,7 +289,6 @@ def time_http(index_dir: Path, queries: Sequence[str], k: int, cache_dir: Path,
     import httpx
 
     from benchmarks.common import wait_server_ready
-    from benchmarks.compare_engines import wait_kernels
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -302,8 +301,7 @@ def time_http(index_dir: Path, queries: Sequence[str], k: int, cache_dir: Path,
                             env={**os.environ, "RAGSERVE_CACHE_DIR": str(cache_dir)})
     out: dict[str, float] = {}
     try:
-        wait_server_ready(proc, url, log.name, 900)
-        wait_kernels(url, 900)  # the LLM's kernel choice runs after /ready: not on our clock
+        wait_server_ready(proc, url, log.name, 900)  # kernels are settled before ready
         with httpx.Client(base_url=url, timeout=60) as client:
             for mode in modes:
                 for q in queries[:5]:  # warm-up

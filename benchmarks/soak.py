@@ -21,6 +21,13 @@ of the phase it spent in steps, and the queue wait p99 (``vllm:request_queue_tim
 at the end, the running and waiting requests and KV use after the run (must be 0) and the
 server's RSS growth (its engine process included). The last line is the JSON.
 
+RSS growth is counted from the end of a warm-up (``--warmup-seconds`` of ``--base-clients``,
+not reported otherwise): the first requests of a fresh server allocate what it keeps (the
+allocator's pools, kernels per shape), which is not growth under load. The JSON has the RSS of
+the API process and of the engine process at each point (``rss_mib``) and the growth over each
+phase and over the run. ``cores_other`` is the CPU that other processes on the machine took
+during a phase: a slower engine there is not the server's doing.
+
     python -m benchmarks.soak [--quick] [--clients 500] [--seconds 90]
 """
 
@@ -48,7 +55,6 @@ from benchmarks.common import (
     round_floats,
     wait_server_ready,
 )
-from benchmarks.compare_engines import wait_kernels
 from benchmarks.serve_load import prompt_text
 
 HOSTILE: list[tuple[str, bytes, str]] = [
@@ -206,24 +212,40 @@ def queue_p99(before: dict[str, float], after: dict[str, float]) -> float:
     return float("nan")
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of ``pid`` and its children (the engine process), from /proc."""
-    total = 0
+def rss_bytes(pid: int) -> dict[str, int]:
+    """Resident memory of ``pid`` ("api") and of its children ("engine": the engine process,
+    multiprocessing's resource tracker), from /proc."""
+    out = {"api": 0, "engine": 0}
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
             text = status.read_text()
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        if int(status.parent.name) == pid or int(fields.get("PPid", "0")) == pid:
-            total += int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-    return total
+        rss = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+        if int(status.parent.name) == pid:
+            out["api"] += rss
+        elif int(fields.get("PPid", "0")) == pid:
+            out["engine"] += rss
+    return out
+
+
+def growth_pct(before: dict[str, int], after: dict[str, int]) -> float:
+    """RSS growth of the whole server (API and engine processes) in percent."""
+    return 100 * (sum(after.values()) - sum(before.values())) / sum(before.values())
+
+
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (not idle or waiting), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> dict[str, float]:
     """CPU seconds (user + system, all threads) used so far by the server process ("api":
-    HTTP, parsing, SSE), its children ("engine": the engine process), and this load generator
-    ("load"), from /proc: where the 2 cores went in a phase."""
+    HTTP, parsing, SSE), its children ("engine": the engine process), this load generator
+    ("load"), and everything else on the machine ("other": the probe, other people's work),
+    from /proc: where the 2 cores went in a phase."""
     tick = os.sysconf("SC_CLK_TCK")
     out = {"api": 0.0, "engine": 0.0, "load": 0.0}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -240,6 +262,7 @@ def cpu_seconds(pid: int) -> dict[str, float]:
             out["engine"] += used
         elif this == os.getpid():
             out["load"] += used
+    out["other"] = busy_seconds() - sum(out.values())  # whatever else runs on the machine
     return out
 
 
@@ -327,6 +350,8 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=500)
     p.add_argument("--base-clients", type=int, default=16)
     p.add_argument("--seconds", type=float, default=90.0, help="per phase")
+    p.add_argument("--warmup-seconds", type=float, default=30.0,
+                   help="of --base-clients before the phases; RSS growth counts from its end")
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=128)
@@ -339,6 +364,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.seconds = 30.0
+        args.warmup_seconds = min(args.warmup_seconds, 15.0)
     cache = Path(os.environ.get("RAGSERVE_CACHE_DIR", ".cache/ragserve"))
     cache.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{args.port}"
@@ -351,15 +377,18 @@ def main() -> None:
     prober: subprocess.Popen | None = None
     try:
         wait_server_ready(proc, url, log.name, 900)
-        wait_kernels(url, 900)
         probe_log = cache / "soak_probe.jsonl"
         probe_log.unlink(missing_ok=True)
         prober = subprocess.Popen([sys.executable, "-m", "benchmarks.soak", "--probe", url,
                                    str(probe_log), "0.5"])  # started before the nice below
         os.nice(10)  # the load generator yields the CPU to the server
-        rss0 = rss_bytes(proc.pid)
+        rss = {"start": rss_bytes(proc.pid)}
+        if args.warmup_seconds > 0:
+            asyncio.run(run_phase(url, "m", args.base_clients, args.warmup_seconds, args))
+            time.sleep(2)
+        rss["warm"] = rss_bytes(proc.pid)
         phases = []
-        for clients in (args.base_clients, args.clients):
+        for name, clients in (("base", args.base_clients), ("overload", args.clients)):
             before = scrape(url)
             cpu0 = cpu_seconds(proc.pid)
             t0 = time.time()
@@ -367,8 +396,10 @@ def main() -> None:
             cpu1 = cpu_seconds(proc.pid)
             after = scrape(url)
             used = {k: cpu1[k] - cpu0[k] for k in cpu0}
+            rss_start, rss[name] = rss[list(rss)[-1]], rss_bytes(proc.pid)
             phases.append({**summary(ph, before, after, used),
-                           **probe_stats(probe_log, t0, t0 + args.seconds)})
+                           **probe_stats(probe_log, t0, t0 + args.seconds),
+                           "rss_growth_pct": growth_pct(rss_start, rss[name])})
             print(f"{clients} clients: {phases[-1]}", flush=True)
             time.sleep(2)
         settle = time.monotonic() + 30
@@ -380,7 +411,7 @@ def main() -> None:
             if busy == 0 or time.monotonic() > settle:
                 break
             time.sleep(0.5)
-        rss1 = rss_bytes(proc.pid)
+        rss["end"] = rss_bytes(proc.pid)
     finally:
         if prober is not None:
             prober.kill()
@@ -401,7 +432,9 @@ def main() -> None:
         "after_run": {k: left.get(k, 0) for k in ("vllm:num_requests_running",
                                                   "vllm:num_requests_waiting",
                                                   "vllm:kv_cache_usage_perc")},
-        "rss_growth_pct": 100 * (rss1 - rss0) / rss0,
+        "rss_growth_pct": growth_pct(rss["warm"], rss["end"]),  # after the warm-up
+        "rss_growth_from_start_pct": growth_pct(rss["start"], rss["end"]),
+        "rss_mib": {point: {k: v / 2**20 for k, v in by.items()} for point, by in rss.items()},
     }
     emit("soak", args, round_floats(result))
 

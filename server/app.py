@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -34,6 +36,27 @@ from server.serving_vector_stores import ServingVectorStores
 from server.stores import Stores
 
 log = logging.getLogger(__name__)
+
+#: how often the API process hands the heap memory it has freed back to the system
+TRIM_SECONDS = 30.0
+
+
+def malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (None where the C library has none: musl, macOS)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+async def trim_memory(trim: Callable[[int], int], seconds: float = TRIM_SECONDS) -> None:
+    """``trim(0)`` every ``seconds``, off the event loop, until cancelled. glibc keeps what a
+    burst freed (hundreds of connections' buffers and bodies, 429s) in its heaps for reuse,
+    so without it the process's RSS only ever grows to its peak and stays there."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(seconds)
+        await loop.run_in_executor(None, trim, 0)
 
 
 class APIKeyMiddleware:
@@ -183,7 +206,11 @@ def build_app(config: ServerConfig, factory: Callable[[], Engine] | None = None,
         engine.start()
         rag.start()
         stores.start()
+        trim = malloc_trim()
+        trimmer = asyncio.ensure_future(trim_memory(trim)) if trim is not None else None
         yield
+        if trimmer is not None:
+            trimmer.cancel()
         engine.stop()
         stores.stop()
         rag.stop()

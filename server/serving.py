@@ -19,7 +19,14 @@ from fastapi import Request
 from engine.client import ModelInfo
 from engine.output import RequestOutput
 from scheduler import FinishReason, SamplingParams, StructuredOutput
-from server.admission import KEEPALIVE, KEEPALIVE_SECONDS, Admission, KeepAlive, first_within
+from server.admission import (
+    KEEPALIVE,
+    KEEPALIVE_SECONDS,
+    Admission,
+    KeepAlive,
+    Served,
+    first_within,
+)
 from server.errors import (
     GENERATION_ERRORS,
     ClientDisconnected,
@@ -75,10 +82,20 @@ async def until_disconnected(request: Request, coro: Any) -> Any:
     raise ClientDisconnected
 
 
-async def merged(streams: Sequence[AsyncIterator[RequestOutput]]
+async def merged(streams: Sequence[AsyncIterator[RequestOutput]],
+                 started: Callable[[], None] | None = None
                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of several requests as they arrive, tagged with their index."""
+    """Outputs of several requests as they arrive, tagged with their index. ``started`` is
+    called once every stream has started, i.e. the engine counts its request: an engine's
+    ``generate`` counts it before its first ``await``, so the call is queued on the event loop
+    just before the streams' first steps run (one stream: this task's; several: the pumps',
+    queued before it). Until then admission's reservation counts them; ended any earlier,
+    a burst of requests handled in the meantime would be counted by neither and admitted
+    past the bound."""
+    loop = asyncio.get_running_loop()
     if len(streams) == 1:  # the common case: no fan-in task or queue
+        if started is not None:
+            loop.call_soon(started)  # runs once this step has started the stream
         try:
             async for o in streams[0]:
                 yield 0, o
@@ -97,6 +114,8 @@ async def merged(streams: Sequence[AsyncIterator[RequestOutput]]
             await q.put((i, e))
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    if started is not None:
+        loop.call_soon(started)  # after the pumps' first steps, queued above
     remaining = len(tasks)
     try:
         while remaining:
@@ -157,17 +176,18 @@ class OpenAIServing:
         decides (and reserves) once the request is ready to go in."""
         self.admission.precheck(self.engine.projected_waiting, n_new)
 
-    def check_queue(self, n_new: int) -> int:
-        """429 if admitting ``n_new`` requests would leave more than --max-queue-len waiting
-        for a KV slot, or one expected to wait longer than --max-queue-wait (requests that
-        find a free slot at once do not queue): :class:`server.admission.Admission`. Returns
-        the admission's reservation."""
-        return self.admission.admit(self.engine.projected_waiting, n_new)
+    def check_queue(self, n_new: int, arrival: float) -> int:
+        """429 if admitting ``n_new`` requests that arrived at ``arrival`` would leave more
+        than --max-queue-len waiting for a KV slot, or one not expected to start well within
+        --max-queue-wait of its arrival (requests that find a free slot at once do not
+        queue): :class:`server.admission.Admission`. Returns the admission's reservation."""
+        return self.admission.admit(self.engine.projected_waiting, n_new,
+                                    time.monotonic() - arrival)
 
     def submit(self, prefix: str, prompts: Sequence[list[int]],
                params: Sequence[Sequence[SamplingParams]], arrival: float) -> Submitted:
         """One engine request per prompt and choice, ids ``{prefix}-{prompt}-{choice}``."""
-        reservation = self.check_queue(sum(len(p) for p in params))
+        reservation = self.check_queue(sum(len(p) for p in params), arrival)
         return Submitted([self.engine.generate(f"{prefix}-{i}-{j}", ids, sp, arrival)
                           for i, (ids, sps) in enumerate(zip(prompts, params))
                           for j, sp in enumerate(sps)], arrival, reservation)
@@ -179,22 +199,19 @@ class OpenAIServing:
         bound = self.config.max_queue_wait
         keepalive = min(KEEPALIVE_SECONDS, bound / 3) if stream else None
         reservation = streams.reservation
-        return first_within(merged(streams), streams.arrival, bound, keepalive,
-                            None if reservation is None else
-                            lambda: self.admission.release(reservation),
-                            drain=lambda: self.admission.expected_wait(1))
+        release = None if reservation is None else lambda: self.admission.release(reservation)
+        return first_within(merged(streams, release), streams.arrival, bound, keepalive,
+                            release, drain=lambda: self.admission.drain_seconds(1))
 
-    def _served(self, first_at: dict[int, float], i: int, o: RequestOutput) -> None:
-        """For admission: the service time runs from a request's first output to its end."""
-        now = time.monotonic()
-        start = first_at.setdefault(i, now)
-        if o.finished:
-            self.admission.observe_service(now - start, now)
-            if o.finish_reason != FinishReason.ERROR and o.prompt_token_ids:
-                prompt, generated = len(o.prompt_token_ids), len(o.token_ids)
-                self.models.lengths.observe(prompt, generated)
-                if self.metrics is not None:
-                    self.metrics.observe_lengths(prompt, prompt + generated)
+    def _served(self, served: Served, i: int, o: RequestOutput) -> None:
+        """For admission: the steps of a running request, and its end (:class:`Served`);
+        for /v1/buckets and the length histograms: a finished request's lengths."""
+        served.output(i, o.produced_at, len(o.token_ids), o.finished, time.monotonic())
+        if o.finished and o.finish_reason != FinishReason.ERROR and o.prompt_token_ids:
+            prompt, generated = len(o.prompt_token_ids), len(o.token_ids)
+            self.models.lengths.observe(prompt, generated)
+            if self.metrics is not None:
+                self.metrics.observe_lengths(prompt, prompt + generated)
 
     # -- results -------------------------------------------------------------------------
 
@@ -205,11 +222,14 @@ class OpenAIServing:
 
     async def _finals(self, streams: Submitted) -> list[RequestOutput]:
         last: dict[int, RequestOutput] = {}
-        first_at: dict[int, float] = {}
-        async for item in self._outputs(streams, stream=False):
-            i, o = item  # type: ignore[misc]  (no keepalives when not streaming)
-            self._served(first_at, i, o)
-            last[i] = o
+        served = Served(self.admission, streams.reservation)
+        try:
+            async for item in self._outputs(streams, stream=False):
+                i, o = item  # type: ignore[misc]  (no keepalives when not streaming)
+                self._served(served, i, o)
+                last[i] = o
+        finally:
+            served.close()
         if any(o.finish_reason == FinishReason.ERROR for o in last.values()):
             raise engine_step_failed()
         return [last[i] for i in range(len(streams))]
@@ -226,14 +246,14 @@ class OpenAIServing:
         client sees marks the first token, which is what ``vllm bench serve``, genai-perf and
         llmperf time as TTFT."""
         n_out = 0
-        first_at: dict[int, float] = {}
+        served = Served(self.admission, streams.reservation)
         try:
             async for item in self._outputs(streams, stream=True):
                 if item is KEEPALIVE:  # waiting for a slot: an SSE comment, not a chunk
                     yield ": waiting for a sequence slot\n\n"
                     continue
                 i, o = item
-                self._served(first_at, i, o)
+                self._served(served, i, o)
                 if prologue:
                     for e in prologue:
                         yield e
@@ -256,6 +276,8 @@ class OpenAIServing:
             for e in prologue:  # no output came before the failure
                 yield e
             yield sse(api_error(err).body())
+        finally:  # also when the client went away: its streams left their slots
+            served.close()
         if usage_event is not None:
             yield usage_event(usage(n_prompt, n_out))
         yield sse("[DONE]")

@@ -23,7 +23,15 @@ from bucketing import BucketConfig
 from engine.core import Engine
 from runtime.runner import ModelRunner
 from scheduler import Scheduler
-from server.admission import KEEPALIVE, Admission, QueueTimeout, first_within
+from server.admission import (
+    KEEPALIVE,
+    MIN_PACE_GAPS,
+    PACE_WINDOW,
+    Admission,
+    QueueTimeout,
+    Served,
+    first_within,
+)
 from server.app import build_app
 from server.config import ServerConfig
 from server.errors import APIError
@@ -48,21 +56,23 @@ def test_admits_on_queue_length_alone_until_a_service_time_is_measured():
 
 
 def test_refuses_what_would_wait_longer_than_the_bound_with_an_estimated_retry_after():
-    a = Admission(slots=2, max_queue_len=100, max_queue_wait=5)
+    """Admitted: what is expected to start within half the bound (5 s of 10 s)."""
+    a = Admission(slots=2, max_queue_len=100, max_queue_wait=10)
     for s in (4.0, 4.0, 100.0):  # the median, not the mean: one outlier does not decide
         a.observe_service(s)
     assert a.service_seconds == 4.0
     a.check(2)  # 2 ahead / 2 slots x 4 s = 4 s: admitted
     with pytest.raises(APIError) as e:
-        a.check(3)  # 6 s > 5 s
+        a.check(3)  # the third waits for a second round of the slots: 8 s > 5 s
     err = e.value
     assert err.status == 429 and err.code == "queue_wait_exceeded"
-    assert "expected wait 6 s" in err.message and "--max-queue-wait 5 s" in err.message
+    assert "expected wait 8 s" in err.message and "--max-queue-wait 10 s" in err.message
     # two may wait (5 s x 2 slots / 4 s); the third in line can come back once one has left
     assert err.headers["Retry-After"] == "2"
     with pytest.raises(APIError) as e:
         a.check(12)
     assert e.value.headers["Retry-After"] == "20"  # 10 requests must leave: 10 x 4 s / 2
+    assert "expected wait 24 s" in e.value.message
     b = Admission(slots=2, max_queue_len=4, max_queue_wait=1e9)
     b.observe_service(3.0)
     with pytest.raises(APIError) as e:
@@ -70,9 +80,10 @@ def test_refuses_what_would_wait_longer_than_the_bound_with_an_estimated_retry_a
     assert e.value.code == "queue_full" and e.value.headers["Retry-After"] == "8"  # 5 x 3 / 2
 
 
-def test_the_measured_departure_rate_replaces_the_model_once_there_are_enough_departures():
+def test_the_measured_departure_rate_rules_once_there_are_enough_departures():
     """Under overload the slots turn over slower than slots / service time says (the prefills
-    of the requests that take the freed slots, time between steps): the measured rate rules."""
+    of the requests that take the freed slots, time between steps): the lower, measured rate
+    rules."""
     a = Admission(slots=1, max_queue_len=100, max_queue_wait=10)
     for i in range(15):  # 1 s each on 1 slot would be 1/s; they leave at 0.5/s
         a.observe_service(1.0, now=1000.0 + 2 * i)
@@ -86,6 +97,179 @@ def test_the_measured_departure_rate_replaces_the_model_once_there_are_enough_de
     for _ in range(16):  # all in one step: no rate from that
         b.observe_service(4.0, now=50.0)
     assert b.departure_rate(now=51.0) is None
+
+
+def test_the_time_since_arrival_counts_against_the_bound():
+    """A request that spent its time before the check (templating, retrieval, a starved event
+    loop) has that much less of the bound left."""
+    a = Admission(slots=2, max_queue_len=100, max_queue_wait=10)
+    a.observe_service(4.0)
+    a.check(2, waited=0.5)  # 0.5 + 4 s <= 5 s
+    with pytest.raises(APIError) as e:
+        a.check(2, waited=1.5)  # 1.5 + 4 s > 5 s
+    assert e.value.code == "queue_wait_exceeded"
+    # none may wait (3.5 s left is less than a holding time): once both ahead have left
+    assert e.value.headers["Retry-After"] == "4"
+    engine_waiting = lambda n: n  # noqa: E731 - a busy engine: every new request waits
+    a.admit(engine_waiting, 2, waited=0.5)
+    with pytest.raises(APIError):
+        a.admit(engine_waiting, 1, waited=0.0)  # the 2 just admitted are ahead of it: 6 s
+
+
+def test_the_last_departures_rule_when_they_are_slower_than_the_window():
+    """An engine that slows down shows in its last MIN_DEPARTURES departures long before the
+    window's rate falls: the lower rate counts."""
+    a = Admission(slots=4, max_queue_len=100, max_queue_wait=100)
+    for i in range(48):  # 4 per second
+        a.observe_service(1.0, now=100.0 + i / 4)
+    last = 100.0 + 47 / 4
+    assert a.departure_rate(now=last) == pytest.approx(48 / (47 / 4))
+    for i in range(1, 17):  # then one per second
+        a.observe_service(1.0, now=last + i)
+    now = last + 16
+    window, tail = 64 / (now - 100.0), 16 / (now - (last + 1))
+    assert tail < window
+    assert a.departure_rate(now=now) == pytest.approx(tail)
+    assert a.expected_wait(8, now=now) == pytest.approx(8 / tail)
+
+
+def test_the_pace_of_running_requests_shows_a_slowdown_before_any_departure():
+    """slots / (tokens x step): at 0.05 s a step, 2 slots of 20-token requests leave at 2 per
+    second; when the steps take 0.25 s (another process took the CPU), at 0.4 per second once
+    the last steps are the slow ones, whatever the departures said before. The step is the
+    mean: a few long steps (prefills) weigh what they cost."""
+    a = Admission(slots=2, max_queue_len=100, max_queue_wait=100)
+    for i in range(16):  # 16 departures at 2 per second, 20 tokens each
+        a.observe_service(1.0, now=100.0 + i / 2, tokens=20)
+    for _ in range(64):
+        a.observe_step(0.05)
+    now = 108.0
+    assert a.holding_seconds() == pytest.approx(1.0)  # 20 tokens x 0.05 s
+    assert a.departure_rate(now=now) == pytest.approx(2.0) == a.rate(now=now)
+    assert a.expected_wait(4, now=now) == pytest.approx(2.0)
+    a.observe_step(0.05 + 65 * 0.2)  # one long step: the mean of the 65 is 0.25 s
+    assert a.holding_seconds() == pytest.approx(5.0)
+    assert a.rate(now=now) == pytest.approx(0.4)
+    for _ in range(PACE_WINDOW):
+        a.observe_step(0.25)
+    assert a.rate(now=now) == pytest.approx(0.4)
+    assert a.expected_wait(4, now=now) == pytest.approx(10.0)
+    a.observe_step(0.0)  # two outputs of one step (the same instant) say nothing of its time
+    assert a.holding_seconds() == pytest.approx(5.0)
+
+
+def test_after_a_burst_onto_free_slots_the_first_in_line_waits_a_whole_holding_time():
+    """4 slots, 10 s in a slot: in the steady state one leaves every 2.5 s, but the slots may
+    all have just been filled at once, so the first four in line wait up to 10 s and the fifth
+    up to 20 s. With --max-queue-wait 30 (15 s for admission) four may wait; the fifth may
+    come back when one has left at the steady rate."""
+    a = Admission(slots=4, max_queue_len=100, max_queue_wait=30)
+    a.observe_service(10.0, tokens=100)
+    for _ in range(MIN_PACE_GAPS):
+        a.observe_step(0.1)
+    assert a.drain_seconds(1) == pytest.approx(2.5) and a.expected_wait(1) == 10.0
+    assert a.expected_wait(4) == 10.0 and a.expected_wait(5) == 20.0
+    assert a.allowed(15.0) == 4
+    a.check(4)
+    with pytest.raises(APIError) as e:
+        a.check(5)
+    assert e.value.headers["Retry-After"] == "3"  # 1 / 0.4 per second
+
+
+def test_the_pace_needs_both_tokens_and_steps():
+    a = Admission(slots=2, max_queue_len=100, max_queue_wait=100)
+    for _ in range(64):
+        a.observe_step(0.1)
+    assert a.holding_seconds() is None and a.rate() is None  # no request has left yet
+    a.observe_service(2.0, tokens=None)
+    assert a.holding_seconds() == 2.0 and a.expected_wait(2) == 2.0  # the service time
+    b = Admission(slots=2, max_queue_len=100, max_queue_wait=100)
+    b.observe_service(2.0, tokens=10)
+    for _ in range(MIN_PACE_GAPS - 1):
+        b.observe_step(0.1)
+    assert b.holding_seconds() == 2.0
+    b.observe_step(0.1)
+    assert b.holding_seconds() == pytest.approx(1.0)  # 10 tokens x 0.1 s
+    assert b.rate() == pytest.approx(2.0)
+
+
+def test_served_counts_steps_and_departures_finished_or_cut_off():
+    """Per stream: the engine's time between two outputs is a step; a stream leaves its slot
+    when it finishes, or when the HTTP request ends before it did (a disconnect); a stream
+    that never produced an output never held a slot."""
+    a = Admission(slots=4, max_queue_len=100, max_queue_wait=100)
+    served = Served(a)
+    served.output(0, produced_at=10.0, tokens=1, finished=False, now=20.0)
+    served.output(1, produced_at=10.0, tokens=1, finished=False, now=20.0)
+    served.output(0, produced_at=10.2, tokens=2, finished=False, now=21.0)  # read late
+    served.output(1, produced_at=10.2, tokens=2, finished=False, now=21.0)
+    served.output(0, produced_at=10.4, tokens=3, finished=True, now=21.5)
+    assert list(a._gaps) == pytest.approx([0.2, 0.2, 0.2])
+    assert list(a._tokens) == [3] and list(a._service) == [1.5]
+    served.close(now=22.0)  # stream 1 was cut off after 2 tokens; stream 2 never started
+    assert list(a._tokens) == [3, 2] and list(a._service) == [1.5, 2.0]
+    assert list(a._departures) == [21.5, 22.0]
+    served.close(now=23.0)  # once
+    assert len(a._departures) == 2
+
+
+def test_waits_longer_than_expected_make_admission_stricter_until_they_are_not():
+    """Self-correcting: the admitted requests that queued waited 3x what was expected (the
+    engine slowed after their admission): the next expected waits are 3x longer, fewer are
+    admitted, and Retry-After is 3x later. Once waits come in as expected (or the window
+    passes), the correction is gone."""
+    a = Admission(slots=2, max_queue_len=100, max_queue_wait=30)  # 15 s for admission
+    a.observe_service(4.0)
+    engine_waiting = lambda n: n  # noqa: E731 - a busy engine: every new request waits
+    t0 = time.monotonic()
+    tokens = [a.admit(engine_waiting, 1) for _ in range(3)]  # expected 4, 4 and 8 s
+    for token in tokens:
+        a.release(token)
+    assert a.correction() == 1.0
+    a.started(tokens[0], now=t0 + 12.0)  # 3x
+    a.ended(tokens[2], now=t0 + 24.0)  # gave up (or timed out) after 3x, without a start
+    assert a.correction(now=t0 + 24.0) == pytest.approx(3.0, rel=1e-3)
+    a.check(2, now=t0 + 24.0)  # 4 s x 3 <= 15 s
+    with pytest.raises(APIError) as e:
+        a.check(3, now=t0 + 24.0)  # 8 s x 3 > 15 s
+    assert "expected wait 24 s" in e.value.message and "3.0x" in e.value.message
+    assert e.value.headers["Retry-After"] == "6"  # one must leave: 2 s at the rate, x 3
+    a.started(tokens[1], now=t0 + 12.4)  # 3.1x
+    assert a.correction(now=t0 + 25.0) == pytest.approx(3.0, rel=1e-3)  # the median
+    for _ in range(4):  # then waits shorter than expected
+        token = a.admit(engine_waiting, 1)
+        a.release(token)
+        a.started(token, now=time.monotonic() + 1.0)
+    assert a.correction() == 1.0
+    assert a.correction(now=t0 + 1000.0) == 1.0  # and old errors expire anyway
+
+
+def test_what_is_expected_of_requests_that_queue_is_checked_once_and_forgotten():
+    """Only requests expected to wait at least MIN_CHECKED_WAIT are checked; a request whose
+    end comes before what was expected says nothing; nothing is kept once they end."""
+    a = Admission(slots=2, max_queue_len=100, max_queue_wait=30)
+    a.observe_service(4.0)
+    t0 = time.monotonic()
+    free = a.admit(lambda n: 0, 1)  # a free slot: nothing to check
+    queued = a.admit(lambda n: n, 1)
+    assert list(a._expected) == [queued]
+    a.started(free, now=t0 + 100.0)
+    a.ended(queued, now=t0 + 1.0)  # its client left before the 4 s were up
+    assert a._expected == {} and len(a._errors) == 0 and a.correction() == 1.0
+    a.started(queued, now=t0 + 100.0)  # once
+    assert len(a._errors) == 0
+
+
+def test_served_reports_the_start_or_the_end_of_an_admitted_request():
+    a = Admission(slots=2, max_queue_len=100, max_queue_wait=30)
+    a.observe_service(4.0)
+    t0 = time.monotonic()
+    started, never = a.admit(lambda n: n, 1), a.admit(lambda n: n, 1)  # 4 s each
+    served = Served(a, started)
+    served.output(0, produced_at=1.0, tokens=1, finished=False, now=t0 + 8.0)  # 2x
+    served.output(0, produced_at=1.1, tokens=2, finished=False, now=t0 + 8.1)
+    Served(a, never).close(now=t0 + 8.0)  # its client left after 2x
+    assert [r for _, r in a._errors] == pytest.approx([2.0, 2.0], rel=1e-3)
 
 
 def test_admitted_requests_count_until_their_streams_reach_the_engine():
@@ -123,6 +307,22 @@ def test_first_within_sends_keepalives_then_passes_items_on():
     got = asyncio.run(run())
     keepalives = [x for x in got if x is KEEPALIVE]
     assert 2 <= len(keepalives) <= 4 and got[len(keepalives):] == [1, 2, 3]
+
+
+def test_first_within_passes_a_first_item_that_came_while_a_keepalive_was_sent():
+    """The first output came within the bound, but the consumer (a slow socket) took the
+    keepalive back only after the bound: the output goes on, it is no queue timeout."""
+    async def run() -> list:
+        closed: list[bool] = []
+        got = []
+        async for x in first_within(_source(0.2, [1, 2], closed), time.monotonic(), 0.5, 0.1):
+            got.append(x)
+            if x is KEEPALIVE and len(got) == 1:
+                await asyncio.sleep(1.0)  # past the bound, and past the first item
+        return got
+
+    got = asyncio.run(run())
+    assert got == [KEEPALIVE, 1, 2]
 
 
 def test_first_within_times_out_and_closes_its_source():
@@ -239,24 +439,41 @@ def test_refused_at_once_when_the_expected_wait_exceeds_the_bound(slow_server: s
     assert metric(text, "vllm:num_requests_waiting") == 0
 
 
-def test_first_within_settles_as_its_source_starts():
-    """The reservation ends as the engine streams start: never after the engine has counted
-    the request too (both counts would refuse requests that fit)."""
+def test_a_reservation_ends_once_the_engine_counts_the_streams():
+    """The reservation ends right after the engine streams' first steps (where an engine's
+    generate counts its request), one stream or several: never before, or a burst handled
+    in between would be counted by neither and admitted past the bound."""
     from server.serving import merged
 
-    started: list[int] = []
+    async def run(n: int) -> tuple[list, list]:
+        started: list[int] = []
+        seen_at_release: list = []
 
-    async def engine_stream(i: int):
-        started.append(i)  # what an engine's generate does before its first await
-        await asyncio.sleep(0.05)
-        yield i
+        async def engine_stream(i: int):
+            started.append(i)  # what an engine's generate does before its first await
+            await asyncio.sleep(0.05)
+            yield i
 
-    async def run() -> tuple[list, list]:
-        seen_at_settle: list = []
-        source = merged([engine_stream(0), engine_stream(1)])
-        got = [x async for x in first_within(source, time.monotonic(), 5.0, None,
-                                             lambda: seen_at_settle.append(list(started)))]
-        return got, seen_at_settle
+        source = merged([engine_stream(i) for i in range(n)],
+                        lambda: seen_at_release.append(sorted(started)))
+        got = [x async for x in first_within(source, time.monotonic(), 5.0, None)]
+        return got, seen_at_release
 
-    got, seen = asyncio.run(run())
-    assert seen == [[]] and sorted(i for i, _ in got) == [0, 1]
+    for n in (1, 3):
+        got, seen = asyncio.run(run(n))
+        assert seen == [list(range(n))] and sorted(i for i, _ in got) == list(range(n))
+
+
+def test_first_within_settles_a_source_that_never_started():
+    """A request that ends before its source took a step (here: past the bound already) does
+    not keep its reservation until it expires."""
+    released: list[bool] = []
+
+    async def run() -> None:
+        with pytest.raises(QueueTimeout):
+            async for _ in first_within(_source(0.0, [1], []), time.monotonic() - 10, 0.5,
+                                        None, lambda: released.append(True)):
+                pass
+
+    asyncio.run(run())
+    assert released == [True]

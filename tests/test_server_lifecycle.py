@@ -16,7 +16,7 @@ from helpers import POISON, PoisonRunner
 from serverutil import ThreadServer, engine_flags, start_subprocess, wait_ready
 
 from engine.core import Engine, EngineConfig
-from server.app import build_app
+from server.app import build_app, malloc_trim, trim_memory
 from server.config import ServerConfig
 
 
@@ -25,6 +25,23 @@ def tiny_engine_config(model: Path) -> EngineConfig:
                         context_encoding_buckets=(16, 32, 64, 128),
                         token_generation_buckets=(32, 64, 128, 256), warmup=False,
                         kernels="step=eager")
+
+
+def test_the_api_process_trims_its_heap_until_it_stops():
+    """malloc_trim (glibc: the Linux images) runs every TRIM_SECONDS until cancelled."""
+    calls: list[int] = []
+
+    async def run() -> None:
+        task = asyncio.ensure_future(trim_memory(calls.append, seconds=0.0))
+        while len(calls) < 3:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(run())
+    assert calls[:3] == [0, 0, 0]
+    trim = malloc_trim()
+    assert trim is None or trim(0) in (0, 1)  # 1: memory was given back
 
 
 def test_503_with_retry_after_until_loaded(tiny_llama_dir: Path):
