@@ -86,16 +86,16 @@ async def merged(streams: Sequence[AsyncIterator[RequestOutput]],
                  started: Callable[[], None] | None = None
                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several requests as they arrive, tagged with their index. ``started`` is
-    called once every stream has started, i.e. the engine counts its request: an engine's
-    ``generate`` counts it before its first ``await``, so the call is queued on the event loop
-    just before the streams' first steps run (one stream: this task's; several: the pumps',
-    queued before it). Until then admission's reservation counts them; ended any earlier,
-    a burst of requests handled in the meantime would be counted by neither and admitted
-    past the bound."""
+    called when the engine counts the requests: an engine's ``generate`` counts its request
+    before its first ``await``, so ``started`` runs in the same event-loop step as the
+    stream's first step (one stream: just before it, in this task; several: queued right
+    after the pumps' first steps, which run back to back). Until then admission's
+    reservation counts them: no other request's check sees them counted twice (refused at
+    the queue's edge) or by neither (admitted past the bound)."""
     loop = asyncio.get_running_loop()
     if len(streams) == 1:  # the common case: no fan-in task or queue
         if started is not None:
-            loop.call_soon(started)  # runs once this step has started the stream
+            started()  # no await before the stream's first step, which counts it
         try:
             async for o in streams[0]:
                 yield 0, o

@@ -440,28 +440,39 @@ def test_refused_at_once_when_the_expected_wait_exceeds_the_bound(slow_server: s
 
 
 def test_a_reservation_ends_once_the_engine_counts_the_streams():
-    """The reservation ends right after the engine streams' first steps (where an engine's
-    generate counts its request), one stream or several: never before, or a burst handled
-    in between would be counted by neither and admitted past the bound."""
+    """The reservation ends in the same event-loop step as the engine streams' first steps
+    (where an engine's generate counts its request), one stream or several: no other task
+    ever sees the requests counted by neither (a burst admitted past the bound) or by both
+    (refused at the queue's edge)."""
     from server.serving import merged
 
     async def run(n: int) -> tuple[list, list]:
         started: list[int] = []
-        seen_at_release: list = []
+        released: list[bool] = []
+        views: list[tuple[bool, int]] = []
 
         async def engine_stream(i: int):
             started.append(i)  # what an engine's generate does before its first await
             await asyncio.sleep(0.05)
             yield i
 
-        source = merged([engine_stream(i) for i in range(n)],
-                        lambda: seen_at_release.append(sorted(started)))
+        async def other_requests() -> None:  # what another handler's admission check sees
+            while len(views) < 200:
+                views.append((bool(released), len(started)))
+                await asyncio.sleep(0)
+
+        watcher = asyncio.ensure_future(other_requests())
+        await asyncio.sleep(0)
+        source = merged([engine_stream(i) for i in range(n)], lambda: released.append(True))
         got = [x async for x in first_within(source, time.monotonic(), 5.0, None)]
-        return got, seen_at_release
+        watcher.cancel()
+        return got, views
 
     for n in (1, 3):
-        got, seen = asyncio.run(run(n))
-        assert seen == [list(range(n))] and sorted(i for i, _ in got) == list(range(n))
+        got, views = asyncio.run(run(n))
+        assert sorted(i for i, _ in got) == list(range(n))
+        assert (False, 0) in views and (True, n) in views
+        assert all(v in ((False, 0), (True, n)) for v in views), views
 
 
 def test_first_within_settles_a_source_that_never_started():
