@@ -64,7 +64,8 @@ class Stream:
             request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
             text=self.text, delta=d.delta, token_ids=self.token_ids,
             new_token_ids=d.new_token_ids, logprobs=self.logprobs, new_logprobs=d.new_logprobs,
-            finish_reason=d.finish_reason, stop_reason=d.stop_reason, produced_at=d.produced_at)
+            finish_reason=d.finish_reason, stop_reason=d.stop_reason, produced_at=d.produced_at,
+            num_cached_tokens=d.num_cached_tokens)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:

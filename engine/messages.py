@@ -77,11 +77,13 @@ class OutputDelta:
     finish_reason: FinishReason | None
     stop_reason: str | int | None
     produced_at: float
+    num_cached_tokens: int = 0
 
     @classmethod
     def of(cls, output: RequestOutput) -> OutputDelta:
         return cls(output.request_id, output.delta, output.new_token_ids, output.new_logprobs,
-                   output.finish_reason, output.stop_reason, output.produced_at)
+                   output.finish_reason, output.stop_reason, output.produced_at,
+                   output.num_cached_tokens)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
     produced_at: float = 0.0  # time.monotonic() when the engine made this output
+    num_cached_tokens: int = 0  # prompt tokens whose KV was reused (vLLM's field): not computed
 
     @property
     def finished(self) -> bool:
@@ -92,6 +93,7 @@ class _RequestText:
             finish_reason=reason,
             stop_reason=stop_reason,
             produced_at=time.monotonic(),
+            num_cached_tokens=step.num_cached_tokens,
         )
 
     def _find_stop(self, start: int) -> tuple[int, str] | None:

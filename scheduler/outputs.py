@@ -124,6 +124,7 @@ class StepOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     logprobs: tuple[TokenLogprobs, ...] = ()
+    num_cached_tokens: int = 0  # of the prompt, not computed: its KV was held (prefix reuse)
 
     @property
     def finished(self) -> bool:

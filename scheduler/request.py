@@ -190,6 +190,7 @@ class Request:
     slot: int | None = None
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV was held already: not computed
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -225,6 +225,7 @@ class Scheduler:
         for req in chosen:
             self.waiting.remove(req)
             req.slot, reused, copy = self._place(req)
+            req.num_cached_tokens = reused
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             params, prompt = req.sampling_params, req.prompt_token_ids
@@ -350,6 +351,7 @@ class Scheduler:
                     num_prompt_tokens=req.num_prompt_tokens,
                     num_output_tokens=len(req.output_token_ids),
                     logprobs=(lp,) if lp is not None else (),
+                    num_cached_tokens=req.num_cached_tokens,
                 )
             )
         self._record(out, generated=len(rows), computed=result.num_computed_tokens)

@@ -205,10 +205,17 @@ class DetokenizeRequest(Strict):
 
 # -- responses ---------------------------------------------------------------------------
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # OpenAI's shape (vLLM sends it with --enable-prompt-tokens-details): prompt tokens whose
+    # KV was reused, not computed
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class TopLogprob(BaseModel):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from fastapi import Request
@@ -34,7 +34,7 @@ from server.errors import (
     engine_step_failed,
 )
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest, Usage
+from server.protocol import ChatCompletionRequest, CompletionRequest, PromptTokensDetails, Usage
 from server.serving_models import OpenAIServingModels
 from server.structured import structured_from_request
 
@@ -44,8 +44,20 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-def usage(n_prompt: int, n_out: int) -> Usage:
-    return Usage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out)
+def usage(n_prompt: int, n_out: int, n_cached: int = 0) -> Usage:
+    return Usage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=n_cached))
+
+
+def cached_tokens(finals: Iterable[RequestOutput]) -> int:
+    """Prompt tokens reused over ``finals``, each distinct prompt counted once (as usage counts
+    its tokens once for ``n`` samples), by its least-cached sample."""
+    per_prompt: dict[tuple[int, ...], int] = {}
+    for o in finals:
+        n = per_prompt.get(o.prompt_token_ids)
+        per_prompt[o.prompt_token_ids] = o.num_cached_tokens if n is None else min(
+            n, o.num_cached_tokens)
+    return sum(per_prompt.values())
 
 
 class DeltaEvents:
@@ -245,7 +257,7 @@ class OpenAIServing:
         with the engine's first output, not before the prefill: as in vLLM, the first event a
         client sees marks the first token, which is what ``vllm bench serve``, genai-perf and
         llmperf time as TTFT."""
-        n_out = 0
+        n_out, done = 0, []
         served = Served(self.admission, streams.reservation)
         try:
             async for item in self._outputs(streams, stream=True):
@@ -270,6 +282,7 @@ class OpenAIServing:
                     yield e
                 if o.finished:
                     n_out += len(o.token_ids)
+                    done.append(o)
                 else:
                     self._delivered(o)
         except GENERATION_ERRORS as err:
@@ -279,7 +292,7 @@ class OpenAIServing:
         finally:  # also when the client went away: its streams left their slots
             served.close()
         if usage_event is not None:
-            yield usage_event(usage(n_prompt, n_out))
+            yield usage_event(usage(n_prompt, n_out, cached_tokens(done)))
         yield sse("[DONE]")
 
     def _delivered(self, o: RequestOutput) -> None:

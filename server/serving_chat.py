@@ -40,7 +40,7 @@ from server.protocol import (
     Usage,
 )
 from server.rag import CitationFilter, RAGContext, RAGService, SentenceStream
-from server.serving import DeltaEvents, OpenAIServing, Submitted, sse, usage
+from server.serving import DeltaEvents, OpenAIServing, Submitted, cached_tokens, sse, usage
 from server.serving_models import OpenAIServingModels
 from server.structured import structured_from_request
 from server.tool_parsers import StreamParser, call_id
@@ -107,7 +107,8 @@ class OpenAIServingChat(OpenAIServing):
             for i, o in enumerate(finals)
         ]
         fields = dict(id=rid, model=self.models.model_name, choices=choices,
-                      usage=usage(len(ids), sum(len(o.token_ids) for o in finals)))
+                      usage=usage(len(ids), sum(len(o.token_ids) for o in finals),
+                                  cached_tokens(finals)))
         if rag is None:
             return JSONResponse(ChatCompletionResponse(**fields).model_dump())
         return JSONResponse(RAGChatCompletionResponse(**fields, sources=rag.sources(),

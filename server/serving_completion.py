@@ -26,7 +26,7 @@ from server.protocol import (
     CompletionResponse,
     Usage,
 )
-from server.serving import DeltaEvents, OpenAIServing, Submitted, sse, usage
+from server.serving import DeltaEvents, OpenAIServing, Submitted, cached_tokens, sse, usage
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -61,7 +61,8 @@ class OpenAIServingCompletion(OpenAIServing):
         ]
         return JSONResponse(CompletionResponse(
             id=rid, model=self.models.model_name, choices=choices,
-            usage=usage(n_prompt, sum(len(o.token_ids) for o in finals))).model_dump())
+            usage=usage(n_prompt, sum(len(o.token_ids) for o in finals),
+                        cached_tokens(finals))).model_dump())
 
     def _stream(self, rid: str, req: CompletionRequest, n_prompt: int, echoes: list[str],
                 streams: Submitted) -> AsyncIterator[str]:

@@ -378,8 +378,8 @@ class OpenAIServingResponses(OpenAIServing):
         output += [{"type": "function_call", "id": new_id("fc"), "call_id": call_id(),
                     "name": c.name, "arguments": c.arguments, "status": "completed"}
                    for c in calls]
-        body = self._finish(skeleton, output, status, len(ids), len(o.token_ids), grounding,
-                            req, conversation)
+        body = self._finish(skeleton, output, status, (len(ids), len(o.token_ids),
+                            o.num_cached_tokens), grounding, req, conversation)
         return JSONResponse(body)
 
     def _skeleton(self, rid: str, req: ResponsesRequest) -> dict[str, Any]:
@@ -397,14 +397,17 @@ class OpenAIServingResponses(OpenAIServing):
         ).model_dump(exclude={"output", "status", "usage"})
 
     def _finish(self, skeleton: dict[str, Any], output: list[dict[str, Any]], status: str,
-                n_in: int, n_out: int, grounding: Grounding | None, req: ResponsesRequest,
-                conversation: list[dict[str, Any]]) -> dict[str, Any]:
-        """The final response (validated by its model), stored when asked."""
+                tokens: tuple[int, int, int], grounding: Grounding | None,
+                req: ResponsesRequest, conversation: list[dict[str, Any]]) -> dict[str, Any]:
+        """The final response (validated by its model), stored when asked. ``tokens``: input,
+        output, and cached input tokens."""
+        n_in, n_out, n_cached = tokens
         body = ResponseObject.model_validate({
             **skeleton, "status": status, "output": output, "completed_at": time.time(),
             "incomplete_details": {"reason": "max_output_tokens"}
             if status == "incomplete" else None,
             "usage": {"input_tokens": n_in, "output_tokens": n_out,
+                      "input_tokens_details": {"cached_tokens": n_cached},
                       "total_tokens": n_in + n_out},
             "grounding": grounding}).model_dump()
         if req.store:
@@ -546,8 +549,9 @@ class OpenAIServingResponses(OpenAIServing):
             status = "incomplete" if o.finish_reason.value == "length" else "completed"
             out += events.end_message(status, citations.annotations if citations else [])
             out += events.end_call(status)
-            body = self._finish(skeleton, events.items, status, n_prompt, len(o.token_ids),
-                                report, req, conversation)
+            body = self._finish(skeleton, events.items, status,
+                                (n_prompt, len(o.token_ids), o.num_cached_tokens), report, req,
+                                conversation)
             return out + events.event(f"response.{status}", response=body)
 
         async for e in self.sse_stream(streams, n_prompt, [prologue], event, None):

@@ -216,6 +216,7 @@ class OutputAccumulator:
         self.text = ""
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprobs] = []
+        self.num_cached_tokens = 0
 
     def feed(self, out: Any) -> RequestOutput:
         c = out.outputs[0]
@@ -225,6 +226,8 @@ class OutputAccumulator:
             new_lps = tuple(token_logprobs(new_ids, c.logprobs, self.params.logprobs))
         self.text += c.text
         self.token_ids.extend(new_ids)
+        # vLLM reports it with the request's outputs (not on every delta of every version)
+        self.num_cached_tokens = getattr(out, "num_cached_tokens", None) or self.num_cached_tokens
         self.logprobs.extend(new_lps)
         reason = None
         if out.finished:
@@ -234,7 +237,7 @@ class OutputAccumulator:
             text=self.text, delta=c.text, token_ids=tuple(self.token_ids),
             new_token_ids=new_ids, logprobs=tuple(self.logprobs), new_logprobs=new_lps,
             finish_reason=reason, stop_reason=c.stop_reason if out.finished else None,
-            produced_at=time.monotonic())
+            produced_at=time.monotonic(), num_cached_tokens=self.num_cached_tokens)
 
     def error(self) -> RequestOutput:
         """The request failed inside the engine (which keeps serving): a final output."""

@@ -86,6 +86,10 @@ def test_outputs_are_token_identical_with_reuse_on_and_off(engine: Engine, mixed
                        *held_while_others_decode(engine)]
         hits = engine.scheduler.prefix_hits
         assert (hits > len(follow) // 2) if on else hits == 0
+        # each output says how much of its own prompt was reused (usage's cached_tokens)
+        assert (second.num_cached_tokens > len(follow) // 2) if on else (
+            second.num_cached_tokens == 0)
+        assert sum(o.num_cached_tokens for o in results[on]) == (hits if on else 0)
     # the same tokens, and log-probabilities as close as the matmuls' shapes allow (a
     # corrupted key anywhere in a reused prefix moves them far more)
     for on, off in zip(results[True], results[False]):

@@ -80,6 +80,28 @@ def test_streaming_equals_non_streaming_and_reports_usage(client: openai.OpenAI)
     assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
 
 
+def test_usage_reports_the_prompt_tokens_a_repeated_prefix_reused(client: openai.OpenAI,
+                                                                   engine_name: str):
+    # within ragserve's largest prefill bucket here (128); on vLLM, longer than one whole KV
+    # block (its CPU build caches 128-token blocks)
+    repeats = 20 if engine_name == "ragserve" else 45
+    long = [{"role": "user", "content": "Describe the buckets. " * repeats + "Be brief."}]
+    first = client.chat.completions.create(model=MODEL, messages=long, max_tokens=2, **greedy())
+    n = first.usage.prompt_tokens
+    again = client.chat.completions.create(model=MODEL, messages=long, max_tokens=2, **greedy())
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=long, max_tokens=2, stream=True,
+        stream_options={"include_usage": True}, **greedy()))
+    for usage in (again.usage, chunks[-1].usage):
+        cached = usage.prompt_tokens_details.cached_tokens
+        assert usage.prompt_tokens == n and 0 < cached < n
+        if engine_name == "ragserve":  # all but the last prompt token, whose logits are needed
+            assert cached == n - 1
+    other = [{"role": "user", "content": "Something else entirely."}]
+    r = client.chat.completions.create(model=MODEL, messages=other, max_tokens=2, **greedy())
+    assert r.usage.prompt_tokens_details.cached_tokens < r.usage.prompt_tokens
+
+
 def test_completions_same_tokens_as_chat_for_the_templated_prompt(client, server):
     ids = post(server, "/tokenize", {"messages": MSG}).json()["tokens"]
     chat = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=10, **greedy())

@@ -431,7 +431,8 @@ def test_the_server_is_the_same_code_on_either_engine(tokenizer):
         assert body["choices"][0]["message"]["content"] == "Hello there!"
         n_prompt = httpx.post(f"{srv.url}/tokenize", json={"messages": msgs}).json()["count"]
         assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 3,
-                                 "total_tokens": n_prompt + 3}
+                                 "total_tokens": n_prompt + 3,
+                                 "prompt_tokens_details": {"cached_tokens": 0}}
         r = httpx.post(f"{srv.url}/v1/completions", timeout=30,
                        json={"model": "tiny", "prompt": "x", "max_tokens": 500})
         assert r.status_code == 400 and "exceeds max_model_len (128)" in r.text
