@@ -78,7 +78,7 @@ def bench(args: argparse.Namespace, concurrency: int) -> dict:
     cmd = [str(args.vllm_python), "-m", "benchmarks.vllm_bench", "--backend", "openai-chat",
            "--endpoint", "/v1/chat/completions", "--base-url", f"http://127.0.0.1:{args.port}",
            "--model", args.name, "--tokenizer", str(args.model_dir), *dataset_args(args),
-           "--ignore-eos",
+           "--ignore-eos", "--save-detailed",  # keeps the failed requests' errors
            "--num-prompts", str(concurrency * args.prompts_per_concurrency),
            "--max-concurrency", str(concurrency), "--seed", str(args.seed),
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99"]

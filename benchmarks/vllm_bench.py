@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 SUMMARY = ("completed", "failed", "duration", "request_throughput", "output_throughput",
            "total_token_throughput", "max_concurrency")
 
 
 def summary(result: dict) -> dict:
-    """The scalar fields of vLLM's result (percentiles included), without per-request lists."""
+    """The scalar fields of vLLM's result (percentiles included), without per-request lists,
+    and the failed requests' errors (each distinct one, the first 300 characters, counted)."""
     out = {k: v for k, v in result.items()
            if isinstance(v, int | float) and not isinstance(v, bool)
            and (k in SUMMARY or k.startswith(("mean_", "median_", "p", "std_")))}
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+    out = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+    errors = Counter(str(e)[:300] for e in result.get("errors") or () if e)
+    out["errors"] = dict(errors.most_common(5))
+    return out
 
 
 def main() -> None:

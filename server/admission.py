@@ -33,9 +33,11 @@ The estimate corrects itself: the admitted requests that queued are checked when
 (or give up) against what was expected of them, and while they waited longer, the expected
 waits are multiplied by how much longer (:meth:`Admission.correction`).
 
-An admitted request that still has no output when the bound passes is ended with an error
-(:class:`QueueTimeout`), never left silent; a streamed one meanwhile gets SSE comments, so that
-proxies and clients do not time out.
+An admitted request that still has no output when the bound passes while requests wait for a
+slot is ended with an error (:class:`QueueTimeout`), never left silent; one that waits only for
+the prefills ahead of it (a burst onto free slots) is being served and waits on, up to
+:data:`COMPUTE_WAIT_FACTOR` times the bound. A streamed one meanwhile gets SSE comments, so
+that proxies and clients do not time out.
 
 Engine-independent: it reads only ``projected_waiting`` and the outputs the server sees.
 """
@@ -78,6 +80,10 @@ MIN_CHECKED_WAIT = 1.0
 #: an admitted request counts as waiting here until its stream starts (the engine counts it
 #: from then on, which may be after other requests' checks) or, if it never starts, this long
 RESERVATION_SECONDS = 5.0
+#: an admitted request past --max-queue-wait while no request waits for a slot (it waits for
+#: the prefills ahead of it) is ended only after this many times the bound, rechecked this often
+COMPUTE_WAIT_FACTOR = 4.0
+COMPUTE_RECHECK_SECONDS = 1.0
 #: at most this long between SSE comments while a stream waits for its first output
 KEEPALIVE_SECONDS = 10.0
 
@@ -347,7 +353,8 @@ class Served:
 
 async def first_within(source: AsyncIterator[T], arrival: float, bound: float,
                        keepalive: float | None, settled: Callable[[], None] | None = None,
-                       drain: Callable[[], float] | None = None
+                       drain: Callable[[], float] | None = None,
+                       starved: Callable[[], bool] | None = None
                        ) -> AsyncIterator[T | KeepAlive]:
     """``source``'s items; until the first, a :data:`KEEPALIVE` every ``keepalive`` seconds
     (None: none) and :class:`QueueTimeout` once ``bound`` seconds have passed since
@@ -357,20 +364,30 @@ async def first_within(source: AsyncIterator[T], arrival: float, bound: float,
     a reservation as soon as the engine counts its requests (``server.serving.merged``'s
     ``started``). ``drain()``: the seconds until the queue frees a slot, which the timeout
     carries for its ``Retry-After``.
+
+    The bound is on the wait for a sequence slot. ``starved()`` says whether requests wait for
+    one now; while none does (a burst of prompts onto free slots, whose first tokens wait for
+    the prefills before theirs, not for a slot), the timeout waits on, up to
+    :data:`COMPUTE_WAIT_FACTOR` times the bound: the request is being served, only slowly.
     """
     it = source.__aiter__()
     deadline = arrival + bound
+    beat = time.monotonic() + (keepalive or 0.0)  # the next keepalive
     nxt = asyncio.ensure_future(it.__anext__())
     try:
         while not nxt.done():  # checked first: it may have come while a keepalive was sent
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise QueueTimeout(time.monotonic() - arrival, bound,
-                                   drain() if drain is not None else 0.0)
-            timeout = left if keepalive is None else min(left, keepalive)
-            done, _ = await asyncio.wait({nxt}, timeout=timeout)
-            if not done and keepalive is not None and deadline - time.monotonic() > 0:
-                yield KEEPALIVE
+            now = time.monotonic()
+            if now >= deadline:
+                if starved is None or starved() or now - arrival >= COMPUTE_WAIT_FACTOR * bound:
+                    raise QueueTimeout(now - arrival, bound,
+                                       drain() if drain is not None else 0.0)
+                deadline = now + min(COMPUTE_RECHECK_SECONDS, bound)
+            wake = deadline if keepalive is None else min(deadline, beat)
+            done, _ = await asyncio.wait({nxt}, timeout=max(0.0, wake - now))
+            if not done and keepalive is not None and time.monotonic() >= beat:
+                beat = time.monotonic() + keepalive
+                if time.monotonic() < deadline:
+                    yield KEEPALIVE
         try:
             first = nxt.result()
         except StopAsyncIteration:

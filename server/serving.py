@@ -213,7 +213,8 @@ class OpenAIServing:
         reservation = streams.reservation
         release = None if reservation is None else lambda: self.admission.release(reservation)
         return first_within(merged(streams, release), streams.arrival, bound, keepalive,
-                            release, drain=lambda: self.admission.drain_seconds(1))
+                            release, drain=lambda: self.admission.drain_seconds(1),
+                            starved=lambda: self.engine.projected_waiting(0) > 0)
 
     def _served(self, served: Served, i: int, o: RequestOutput) -> None:
         """For admission: the steps of a running request, and its end (:class:`Served`);

@@ -340,6 +340,39 @@ def test_first_within_times_out_and_closes_its_source():
     assert 0.45 <= err.waited < 2 and "--max-queue-wait 0.5 s" in str(err)
 
 
+@pytest.mark.parametrize("starved, first_at, expect", [
+    (False, 0.9, [1]),  # no request waits for a slot: it is served, only slowly
+    (True, 0.9, QueueTimeout),  # it waits for a slot: the bound holds
+    (False, 10, QueueTimeout),  # served, but past COMPUTE_WAIT_FACTOR times the bound
+])
+def test_first_within_bounds_the_wait_for_a_slot_not_for_the_prefills_ahead(
+        starved: bool, first_at: float, expect: object, monkeypatch: pytest.MonkeyPatch):
+    import server.admission as admission
+
+    monkeypatch.setattr(admission, "COMPUTE_RECHECK_SECONDS", 0.05)
+    checks: list[float] = []
+
+    def is_starved() -> bool:
+        checks.append(time.monotonic())
+        return starved
+
+    async def run() -> tuple[list, list[bool]]:
+        closed: list[bool] = []
+        got: list = []
+        async for x in first_within(_source(first_at, [1], closed), time.monotonic(), 0.3,
+                                    0.1, starved=is_starved):
+            got.append(x)
+        return [x for x in got if x is not KEEPALIVE], closed
+
+    if expect is QueueTimeout:
+        with pytest.raises(QueueTimeout) as e:
+            asyncio.run(run())
+        assert e.value.waited < 0.4 if starved else 1.2 <= e.value.waited < 1.6
+    else:
+        got, closed = asyncio.run(run())
+        assert got == expect and closed == [True] and len(checks) >= 2
+
+
 # -- through the server -------------------------------------------------------------------
 
 class SlowBackend(StubBackend):
