@@ -368,7 +368,10 @@ async def first_within(source: AsyncIterator[T], arrival: float, bound: float,
     The bound is on the wait for a sequence slot. ``starved()`` says whether requests wait for
     one now; while none does (a burst of prompts onto free slots, whose first tokens wait for
     the prefills before theirs, not for a slot), the timeout waits on, up to
-    :data:`COMPUTE_WAIT_FACTOR` times the bound: the request is being served, only slowly.
+    :data:`COMPUTE_WAIT_FACTOR` times the bound: the request is being served, only slowly. Nor
+    does it get keepalives then: a slow first token is what clients expect of any server, and
+    some clients lose the event after an SSE comment (``vllm bench serve`` 0.32 strips each read
+    of the stream, so a comment merges with the next event and both are dropped).
     """
     it = source.__aiter__()
     deadline = arrival + bound
@@ -386,7 +389,7 @@ async def first_within(source: AsyncIterator[T], arrival: float, bound: float,
             done, _ = await asyncio.wait({nxt}, timeout=max(0.0, wake - now))
             if not done and keepalive is not None and time.monotonic() >= beat:
                 beat = time.monotonic() + keepalive
-                if time.monotonic() < deadline:
+                if time.monotonic() < deadline and (starved is None or starved()):
                     yield KEEPALIVE
         try:
             first = nxt.result()

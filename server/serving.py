@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
@@ -37,6 +38,8 @@ from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, PromptTokensDetails, Usage
 from server.serving_models import OpenAIServingModels
 from server.structured import structured_from_request
+
+log = logging.getLogger(__name__)
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -287,6 +290,7 @@ class OpenAIServing:
                 else:
                     self._delivered(o)
         except GENERATION_ERRORS as err:
+            log.warning("a stream ended with an error event: %s", err)
             for e in prologue:  # no output came before the failure
                 yield e
             yield sse(api_error(err).body())

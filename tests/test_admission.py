@@ -373,6 +373,16 @@ def test_first_within_bounds_the_wait_for_a_slot_not_for_the_prefills_ahead(
         assert got == expect and closed == [True] and len(checks) >= 2
 
 
+def test_first_within_sends_keepalives_only_while_requests_wait_for_a_slot():
+    async def run(starved: bool) -> int:
+        got = [x async for x in first_within(_source(0.35, [1], []), time.monotonic(), 5.0,
+                                             0.1, starved=lambda: starved)]
+        return len([x for x in got if x is KEEPALIVE])
+
+    assert asyncio.run(run(False)) == 0
+    assert 2 <= asyncio.run(run(True)) <= 4
+
+
 # -- through the server -------------------------------------------------------------------
 
 class SlowBackend(StubBackend):
