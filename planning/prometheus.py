@@ -225,7 +225,12 @@ def read_window(url: str, window: str = DEFAULT_WINDOW, model: str | None = None
             if "count" in samples:  # rounded like the buckets, never below them
                 top = max((v for k, v in samples.items() if k not in ("sum", "count")),
                           default=0)
-                samples["count"] = round(max(samples["count"], top))
+                raw, samples["count"] = samples["count"], round(max(samples["count"], top))
+                if "sum" in samples and raw > 0:
+                    # the sum's samples have the count's times, so increase() extrapolated it by
+                    # the same factor: undone as the count's rounding undid it; lengths are
+                    # whole tokens, so is their sum
+                    samples["sum"] = round(samples["sum"] * samples["count"] / raw)
             labels = dict(key) if model is None else {**dict(key), MODEL_LABEL: model}
             series.append((name, labels, samples))
     try:

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from bucketing.histogram import LengthHistogram, length_bounds
 from engine.stats import FinishedRequestStats, StepStats
 from planning.length_histograms import LengthCollector
-from scheduler import SchedulerStats
+from scheduler import FinishReason, SchedulerStats
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -36,17 +36,29 @@ ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
                 5.12, 10.24)
 PASSAGE_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50)
+#: the ``phase`` label of a step (``SchedulerOutput.phase``)
+STEP_PHASES = ("prefill", "decode", "mixed")
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+
+
+#: the model name the server reports while the model loads (no series are seeded for it)
+LOADING_MODEL_NAME = "loading"
 
 
 class _Series:
     """A registry of series labelled ``model_name``, whose value is read at observation time
-    (the name is known only once the model has loaded)."""
+    (the name is known only once the model has loaded).
+
+    The series whose labels are known up front are exported at 0 from the first scrape that
+    knows the model's name (:meth:`_seed`), not from their first observation: Prometheus's
+    ``rate()`` and ``increase()`` take a series' first sample as its start, so the requests
+    counted before a series' first scrape would never show in a dashboard or an HPA query."""
 
     def __init__(self, model_name: str | Callable[[], str]) -> None:
         self.registry = CollectorRegistry()
         self._name = model_name if callable(model_name) else (lambda: model_name)
         self._children: dict[tuple[int, str], Histogram] = {}
+        self._seeded: str | None = None
 
     @property
     def model_name(self) -> str:
@@ -61,7 +73,14 @@ class _Series:
         return child
 
     def render(self) -> bytes:
+        name = self.model_name
+        if name != self._seeded and name != LOADING_MODEL_NAME:
+            self._seeded = name
+            self._seed(name)
         return generate_latest(self.registry)
+
+    def _seed(self, name: str) -> None:
+        """Create the series of ``name`` whose label values are all known up front."""
 
 
 class _StoreCollector:
@@ -143,6 +162,15 @@ class Metrics(_Series):
                                       "Files through ingestion jobs (completed or failed).", m,
                                       registry=r)
         r.register(LengthCollector(self.length_histograms, self._name))
+
+    def _seed(self, name: str) -> None:
+        for metric in (self.delivery, self.retrieval_seconds, self.retrieved_passages,
+                       self.ingest_seconds, self.ingested_files):
+            metric.labels(name)
+        for kind in ("invalid", "unsupported"):
+            self.unsupported_citations.labels(name, kind)
+        for origin in ("model", "attributed"):
+            self.citations.labels(name, origin)
 
     def watch_stores(self, stores: Any) -> None:
         """Export the document store's state at each scrape: the ingestion queue, files by
@@ -261,6 +289,18 @@ class EngineMetrics(_Series):
                                      "1 while a compiled decode step is being built and timed "
                                      "(before ready: 0 whenever the engine serves).", m,
                                      registry=r)
+
+    def _seed(self, name: str) -> None:
+        for metric in (self.running, self.waiting, self.kv_usage, self.prompt_tokens,
+                       self.prefix_queries, self.prefix_hits, self.generation_tokens, self.ttft,
+                       self.itl, self.e2e, self.queue, self.req_prompt, self.req_generation,
+                       self.iteration_tokens):
+            metric.labels(name)
+        for reason in FinishReason:
+            self.success.labels(name, reason.value)
+        for phase in STEP_PHASES:
+            self.padding_tokens.labels(name, phase)
+            self.step_seconds.labels(name, phase)
 
     def on_scheduler(self, stats: SchedulerStats) -> None:
         name = self.model_name

@@ -16,6 +16,7 @@ from server.errors import (
     model_loading,
     retry_after,
 )
+from server.metrics import LOADING_MODEL_NAME
 from server.protocol import (
     BucketsResponse,
     LengthCounts,
@@ -48,7 +49,7 @@ class OpenAIServingModels:
         if self.config.served_model_name:
             return self.config.served_model_name
         info = self.engine.info
-        return info.name if info is not None else "loading"
+        return info.name if info is not None else LOADING_MODEL_NAME
 
     @property
     def info(self) -> ModelInfo:

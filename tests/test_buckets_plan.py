@@ -782,7 +782,8 @@ def vector(*series: tuple[dict[str, str], float]) -> dict:
 def answers_for(text: str, window: str, model: str | None, jitter: bool = False) -> dict:
     """What Prometheus answers to the queries for ``window`` when the histograms of ``text``
     (one model, "m") are its increase. With ``jitter`` the counts are extrapolated: +0.3 on
-    each, and an empty bin's cumulative count 0.2 below the one before it."""
+    each, and an empty bin's cumulative count 0.2 below the one before it; the sum as the
+    count."""
     from planning.prometheus import queries
 
     h = read_exposition(text)
@@ -797,7 +798,9 @@ def answers_for(text: str, window: str, model: str | None, jitter: bool = False)
                    for i, n in enumerate(cum)]
         les = [f"{bound}.0" for bound in b.bounds] + ["+Inf"]
         out[q["bucket"]] = vector(*(({**labels, "le": le}, n) for le, n in zip(les, cum)))
-        out[q["sum"]] = vector((labels, b.total))
+        # the sum, extrapolated as its count is (Prometheus scales a histogram's series, which
+        # share their sample times, alike)
+        out[q["sum"]] = vector((labels, b.total * cum[-1] / b.cumulative()[-1]))
         out[q["count"]] = vector((labels, cum[-1]))
     return out
 
