@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -526,12 +527,34 @@ def test_image_constraints_pin_every_installed_distribution():
     # what a fresh interpreter sees (this one's sys.path may have grown, e.g. setuptools'
     # vendored distributions once setuptools is imported)
     listed = subprocess.run([sys.executable, "-c", "from importlib.metadata import "
-                             "distributions as d; print('\\n'.join(x.metadata['Name'] or '' "
+                             "distributions as d; print('\\n'.join(x.metadata.get('Name') or '' "
                              "for x in d()))"], capture_output=True, text=True, check=True)
     installed = {re.sub(r"[-_.]+", "-", name).lower() for name in listed.stdout.split()}
     assert set(canon) == installed
     assert canon["pytest"] == pytest.__version__
     assert canon["pyyaml"] == yaml.__version__
+
+
+def test_image_constraints_skip_a_distribution_without_a_name_or_version(tmp_path, monkeypatch,
+                                                                         capsys):
+    """A broken dist-info in a base image is left out, without the DeprecationWarning (a KeyError
+    to come, on newer Pythons) that indexing its missing fields gives."""
+    from importlib.metadata import PathDistribution
+
+    fields = {"ok": "Name: ok\nVersion: 1.0\n", "noname": "Version: 2.0\n",
+              "noversion": "Name: nv\n"}
+    dists = []
+    for folder, body in fields.items():
+        info = tmp_path / f"{folder}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\n{body}")
+        dists.append(PathDistribution(info))
+    module = load_image_constraints()
+    monkeypatch.setattr(module, "distributions", lambda: dists)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert module.main() == 0
+    assert capsys.readouterr().out == "ok==1.0\n"
 
 
 def test_image_constraints_pin_a_non_pep440_version_exactly():
