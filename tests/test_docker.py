@@ -509,6 +509,20 @@ def test_deployment_docs_name_each_images_base():
         assert base_image(instructions(path)) in docs, kind
 
 
+def test_deployment_docs_list_the_neuron_vllm_images_alternative_bases():
+    """Every base the Dockerfile names (its default and the --build-arg alternatives in its
+    comments) is in docs/deployment.md, and the Trn2/Trn3 one runs the vLLM Neuron plugin's
+    Python 3.14 image, which pyproject.toml declares."""
+    text = DOCKERFILES["neuron-vllm"].read_text()
+    bases = set(re.findall(r"NEURON_BASE_IMAGE=(public\.ecr\.aws/\S+)", text))
+    assert len(bases) >= 4, bases
+    docs = (ROOT / "docs/deployment.md").read_text()
+    assert not [b for b in bases if b not in docs]
+    assert any("-py314-" in b for b in bases)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"Programming Language :: Python :: 3.14"' in pyproject
+
+
 def load_image_constraints():
     spec = importlib.util.spec_from_file_location("image_constraints",
                                                   DOCKER / "image_constraints.py")
@@ -643,6 +657,7 @@ def smoke(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     ([], "ragserve:neuron", "ragserve_bucket_selected_total"),
     (["neuron"], "ragserve:neuron", "ragserve_bucket_selected_total"),
     (["neuron-vllm"], "ragserve:neuron-vllm", "vllm:num_preemptions_total"),
+    (["neuron-vllm-trn2"], "ragserve:neuron-vllm-trn2", "vllm:num_preemptions_total"),
 ])
 def test_smoke_script_mode_picks_the_image_and_the_engines_series(argv, image, only):
     out = smoke(argv, {"DRY_RUN": "1", "MODEL": "M", "TP": "8", "MAX_MODEL_LEN": "2048",
@@ -659,6 +674,17 @@ def test_smoke_script_mode_picks_the_image_and_the_engines_series(argv, image, o
     other = {"ragserve_bucket_selected_total", "vllm:num_preemptions_total"} - {only}
     assert not other & set(metrics)
     assert not [a for a in start if a.startswith("NEURON_COMPILED_ARTIFACTS=")]
+
+
+@needs_bash
+@pytest.mark.parametrize(("mode", "tp"), [("neuron", "2"), ("neuron-vllm", "2"),
+                                          ("neuron-vllm-trn2", "4")])
+def test_smoke_script_shards_over_one_device_by_default(mode, tp):
+    """/dev/neuron0 holds 2 NeuronCores on inf2/trn1 and 4 logical ones on trn2 (LNC=2)."""
+    out = smoke([mode], {"DRY_RUN": "1", "MODEL": "M", "TP": ""})
+    start = dict(lines.split(": ", 1) for lines in out.stdout.splitlines())["start"].split()
+    assert f"RAGSERVE_TENSOR_PARALLEL_SIZE={tp}" in start
+    assert start[start.index("--device") + 1] == "/dev/neuron0"
 
 
 @needs_bash
