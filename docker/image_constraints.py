@@ -31,10 +31,14 @@ def pin(name: str, version: str) -> str:
 def main() -> int:
     pins: dict[str, str] = {}
     for dist in distributions():  # in sys.path order
-        name = dist.metadata["Name"]
-        if not name or not dist.version:
+        # A half-removed or broken distribution in a base image lacks fields. `.get` gives None
+        # for them; indexing (what `dist.version` does) warns on Python 3.12 and 3.13 and is
+        # deprecated in favour of KeyError ("Implicit None on return values is deprecated and
+        # will raise KeyErrors", importlib.metadata), so it could fail the build on 3.14+.
+        name, version = dist.metadata.get("Name"), dist.metadata.get("Version")
+        if not name or not version:
             continue
-        pins.setdefault(re.sub(r"[-_.]+", "-", name).lower(), pin(name, dist.version))
+        pins.setdefault(re.sub(r"[-_.]+", "-", name).lower(), pin(name, version))
     sys.stdout.write("".join(f"{line}\n" for line in sorted(pins.values(), key=str.lower)))
     return 0
 

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# End-to-end check of a ragserve deployment on an inf2/trn1 instance, for either Neuron image:
+# End-to-end check of a ragserve deployment on a Neuron instance, for each Neuron image:
 #
-#   neuron       Dockerfile.neuron: ragserve's engine on transformers-neuronx (the default)
-#   neuron-vllm  Dockerfile.neuron-vllm: vLLM's engine, vllm-neuron plugin, NxD Inference
+#   neuron            Dockerfile.neuron on inf2/trn1: ragserve's engine on transformers-neuronx
+#                     (the default)
+#   neuron-vllm       Dockerfile.neuron-vllm on inf2/trn1: vLLM's engine, the vllm-neuron plugin on
+#                     NxD Inference (maintenance mode)
+#   neuron-vllm-trn2  Dockerfile.neuron-vllm built on AWS's Trn2/Trn3 base, on trn2/trn3: vLLM's
+#                     engine, the vLLM Neuron plugin (generally available from Neuron SDK 2.34)
 #
 # It builds a small RAG index of the image's own docs/ (indexes volume), starts the container
 # with it, waits for /ready (graphs compile or load from the cache volume), checks the engine in
@@ -14,6 +18,9 @@
 #   MODEL_DIR=/opt/models MODEL=Meta-Llama-3-8B-Instruct docker/smoke_inf2.sh neuron
 #   docker build -f docker/Dockerfile.neuron-vllm -t ragserve:neuron-vllm .
 #   MODEL_DIR=/opt/models MODEL=Meta-Llama-3-8B-Instruct docker/smoke_inf2.sh neuron-vllm
+#   docker build -f docker/Dockerfile.neuron-vllm -t ragserve:neuron-vllm-trn2 \
+#     --build-arg NEURON_BASE_IMAGE=<the Trn2/Trn3 tag in docs/deployment.md> .
+#   MODEL_DIR=/opt/models MODEL=Meta-Llama-3-8B-Instruct docker/smoke_inf2.sh neuron-vllm-trn2
 #
 # Against a server that is already running (nothing is started or stopped, no SIGTERM check;
 # the RAG check runs when /v1/models shows a retriever):
@@ -24,7 +31,9 @@
 #   NAME=ragserve-smoke            the container's name
 #   MODEL_DIR=/opt/models          host directory mounted read-only at /models
 #   MODEL=Meta-Llama-3-8B-Instruct model directory under MODEL_DIR (RAGSERVE_MODEL=/models/$MODEL)
-#   TP=2                           RAGSERVE_TENSOR_PARALLEL_SIZE (2 NeuronCores per device on inf2)
+#   TP=2 (neuron-vllm-trn2: 4)     RAGSERVE_TENSOR_PARALLEL_SIZE: NeuronCores to shard over, 2 per
+#                                  inf2/trn1 device; on trn2 4 logical ones per device (LNC=2, the
+#                                  default: two physical NeuronCores each)
 #   DEVICES=/dev/neuron0           space-separated Neuron devices passed with --device
 #   MAX_MODEL_LEN=4096             RAGSERVE_MAX_MODEL_LEN
 #   MAX_NUM_SEQS=8                 RAGSERVE_MAX_NUM_SEQS
@@ -45,14 +54,20 @@ MODE="${1:-neuron}"
 case $MODE in
   neuron) ENGINE=ragserve ;;
   neuron-vllm) ENGINE=vllm ;;
-  *) echo "usage: $0 [neuron|neuron-vllm]   (settings: environment variables, see the script)" >&2
+  neuron-vllm-trn2) ENGINE=vllm ;;
+  *) echo "usage: $0 [neuron|neuron-vllm|neuron-vllm-trn2]   (settings: environment variables," \
+          "see the script)" >&2
      exit 2 ;;
 esac
 IMAGE="${IMAGE:-ragserve:$MODE}"
 NAME="${NAME:-ragserve-smoke}"
 MODEL_DIR="${MODEL_DIR:-/opt/models}"
 MODEL="${MODEL:-Meta-Llama-3-8B-Instruct}"
-TP="${TP:-2}"
+if [[ $MODE == neuron-vllm-trn2 ]]; then
+  TP="${TP:-4}"  # one Trainium2 device: /dev/neuron0
+else
+  TP="${TP:-2}"  # one Inferentia2 / Trainium1 device
+fi
 DEVICES="${DEVICES:-/dev/neuron0}"
 MAX_MODEL_LEN="${MAX_MODEL_LEN:-4096}"
 MAX_NUM_SEQS="${MAX_NUM_SEQS:-8}"
@@ -153,7 +168,7 @@ if [[ -z ${URL:-} ]]; then
   fi
   command -v docker >/dev/null || fail "docker is not installed"
   for dev in $DEVICES; do
-    [[ -e $dev ]] || fail "$dev does not exist: is this an inf2/trn1 instance with the Neuron driver?"
+    [[ -e $dev ]] || fail "$dev does not exist: is this a Neuron instance with the Neuron driver?"
   done
   [[ -d $MODEL_DIR/$MODEL ]] || fail "$MODEL_DIR/$MODEL is not a directory (set MODEL_DIR, MODEL)"
   if [[ ${#index_cmd[@]} -gt 0 ]]; then
