@@ -1,4 +1,9 @@
-"""``ragserve index build | add | search | info``."""
+"""``ragserve index build | add | search | info``.
+
+``build`` and ``add`` write under the index directory's writer lock (``retrieval.writer_lock``),
+so that they may run while servers read the directory, on this machine or on others sharing it:
+a save publishes a whole version, servers load it within ``--index-refresh-seconds``.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,15 @@ import sys
 import time
 from pathlib import Path
 
-from retrieval.index import BACKENDS, ChunkSettings, PassageIndex, read_manifest
+from retrieval.index import (
+    BACKENDS,
+    KEEP_SUPERSEDED_SECONDS,
+    ChunkSettings,
+    PassageIndex,
+    read_manifest,
+)
 from retrieval.lexical import MODES, HybridSettings
+from retrieval.writer_lock import LockTimeout, WriterLock
 
 log = logging.getLogger("ragserve.retrieval")
 
@@ -126,6 +138,27 @@ def _add(index: PassageIndex, docs_root: Path) -> int:
         progress.close()
 
 
+#: how long `index build` / `index add` wait for another writer of the same directory
+LOCK_WAIT_SECONDS = 600.0
+
+
+def writer_lock(index_dir: Path) -> WriterLock:
+    """The index directory's writer lock: servers read the directory while one command at a
+    time writes it (two adds at once would each save their own documents on the same base,
+    and the later would drop the other's)."""
+    index_dir.mkdir(parents=True, exist_ok=True)
+    return WriterLock(index_dir / ".writer.lock")
+
+
+def _locked(index_dir: Path) -> WriterLock:
+    lock = writer_lock(index_dir)
+    if not lock.acquire(timeout=0):
+        log.info("waiting for %s's writer lock (held by %s)", index_dir, lock.holder())
+        if not lock.acquire(timeout=LOCK_WAIT_SECONDS):
+            raise LockTimeout(lock.path, LOCK_WAIT_SECONDS, lock.holder())
+    return lock
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     options = {"nbits": args.nbits} if args.backend == "plaid" else {}
@@ -135,7 +168,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         args.chunk_tokens, args.chunk_overlap, args.parent_tokens), retrieval=retrieval,
         **options)
     n = _add(index, args.docs)
-    version = index.save(args.out)
+    lock = _locked(args.out)  # encoding above needs no lock; writing does
+    try:
+        version = index.save(args.out, keep_seconds=KEEP_SUPERSEDED_SECONDS)
+    finally:
+        lock.release()
     dt = time.perf_counter() - t0
     log.info("built %s index of %d passages from %d documents in %.1fs (%.1f passages/s): %s",
              args.backend, n, len(index.doc_ids), dt, n / dt, version)
@@ -143,9 +180,16 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    index = PassageIndex.load(args.index, _encoder(args, args.index))
-    n = _add(index, args.docs)
-    index.save(args.index)
+    encoder = _encoder(args, args.index)
+    lock = _locked(args.index)  # from the load to the save: no other add between them
+    try:
+        index = PassageIndex.load(args.index, encoder)
+        n = _add(index, args.docs)
+        version = index.save(args.index, keep_seconds=KEEP_SUPERSEDED_SECONDS)
+    finally:
+        lock.release()
+    log.info("%s is current: servers with --index %s load it within their "
+             "--index-refresh-seconds", version.name, args.index)
     log.info("added %d passages; the index now holds %d passages from %d documents", n,
              len(index), len(index.doc_ids))
     return 0

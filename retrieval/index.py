@@ -22,9 +22,14 @@ the index was loaded from (or last saved to) appends: only the passages added si
 as a new segment, and removed ones are listed as deleted; when deleted passages pass a quarter of
 the total, or segments pass ``MAX_SEGMENTS``, the save compacts everything into one segment. The
 ``exact`` backend is segmented; ``plaid`` writes one segment each save. Segments and versions
-nothing points at any more are removed after the pointer moves. Version 1 directories (backend/
-and passages.jsonl inside the version, no segments) still load. Loading with an encoder other
-than the one recorded in the manifest is refused.
+nothing points at any more are removed after the pointer moves, or, where readers on other
+machines share the directory, once superseded for ``KEEP_SUPERSEDED_SECONDS``. Version 1
+directories (backend/ and passages.jsonl inside the version, no segments) still load. Loading
+with an encoder other than the one recorded in the manifest is refused.
+
+Writers take turns under the directory's ``.writer.lock`` (``retrieval.writer_lock``: the
+``index`` CLI, or the store's lock for a vector store's ingestion); readers need no lock, and a
+server sees a new version by polling ``CURRENT`` (``--index-refresh-seconds``).
 """
 
 from __future__ import annotations
@@ -49,6 +54,12 @@ if TYPE_CHECKING:
 FORMAT = "ragserve-index/2"
 _FORMATS = ("ragserve-index/1", FORMAT)
 MAX_SEGMENTS = 8
+#: how long writers that share a directory with readers on other machines keep a superseded
+#: version: a reader swaps to the new one within its --index-refresh-seconds and finishes the
+#: searches in flight; until then it may still read the old one's files, which an NFS server
+#: does not keep for another client once they are deleted (on one machine, an open file
+#: outlives its name)
+KEEP_SUPERSEDED_SECONDS = 120.0
 #: the BM25 score that :meth:`PassageIndex.relevance` maps to 0.5
 LEXICAL_HALF = 5.0
 BACKENDS = ("exact", "plaid")
@@ -108,6 +119,15 @@ def current_version(path: Path) -> Path:
     return version
 
 
+def current_name(path: Path) -> str | None:
+    """The name of the current version of the index at ``path`` (one small read: a reader
+    polls it), None where there is no index."""
+    try:
+        return (Path(path) / _CURRENT).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
 def read_manifest(path: Path) -> dict:
     """The current manifest of the index at ``path`` (nothing else is loaded)."""
     return json.loads((current_version(path) / _MANIFEST).read_text())
@@ -131,6 +151,9 @@ class PassageIndex:
         self.chunks: dict[int, Chunk] = {}
         self.next_pid = 0
         self.created_at = time.time()
+        #: the version directory's name this index was loaded from or last saved as (a reader
+        #: compares it with ``CURRENT`` to see that a writer published a newer one)
+        self.version: str | None = None
         # what is on disk at ``_saved`` (directory, version name): its segments' pids, and the
         # pids of theirs removed since; a save there appends instead of rewriting
         self._saved: tuple[Path, str] | None = None
@@ -307,10 +330,13 @@ class PassageIndex:
 
     # -- persistence -----------------------------------------------------------------------------
 
-    def save(self, path: Path) -> Path:
+    def save(self, path: Path, keep_seconds: float = 0.0) -> Path:
         """Write a new version under ``path`` and make it current atomically; returns it.
         Appends a segment when ``path`` holds the version this index was loaded from or last
-        saved (and the backend is segmented), else writes every passage as one segment."""
+        saved (and the backend is segmented), else writes every passage as one segment.
+        Versions superseded less than ``keep_seconds`` ago stay, with their segments, for
+        readers on other machines (``KEEP_SUPERSEDED_SECONDS``); older ones are removed.
+        One writer at a time: the caller holds the directory's lock (``writer_lock``)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         for stale in path.glob(".tmp-*"):  # left by a killed save
@@ -354,11 +380,8 @@ class PassageIndex:
         os.replace(pointer, path / _CURRENT)
         fsync_dir(path)
         self._saved, self._segments, self._deleted = (path, name), segments, deleted
-        for old in versions:  # only now is nothing pointing at them
-            shutil.rmtree(path / old, ignore_errors=True)
-        for seg in existing:
-            if seg not in segments:
-                shutil.rmtree(seg_root / seg, ignore_errors=True)
+        self.version = name
+        _collect(path, name, keep_seconds)  # only now is CURRENT past the old versions
         return path / name
 
     def _appendable(self, path: Path) -> bool:
@@ -450,6 +473,7 @@ class PassageIndex:
         index.next_pid = int(manifest["next_pid"])
         index.created_at = float(manifest["created_at"])
         index._deleted = deleted
+        index.version = version.name
         if "segments" in manifest:
             index._saved = (Path(path), version.name)
         if (version / _LEXICAL_DIR).is_dir():
@@ -457,6 +481,36 @@ class PassageIndex:
             if sorted(lexical.pids) == sorted(index.chunks):
                 index._lexical = lexical
         return index
+
+
+def _collect(path: Path, current: str, keep_seconds: float) -> None:
+    """Remove the versions of ``path`` superseded more than ``keep_seconds`` ago (a version is
+    superseded when the next one was written: its directory's mtime) and the segments that no
+    version left uses."""
+    now = time.time()
+    versions = sorted((p for p in path.glob("v[0-9]*") if p.is_dir()),
+                      key=lambda p: int(p.name[1:]))
+    kept = []
+    for i, version in enumerate(versions):
+        if version.name != current and i + 1 < len(versions):
+            try:
+                superseded = versions[i + 1].stat().st_mtime
+            except OSError:
+                superseded = now
+            # the mtime is the file server's clock, maybe ahead of ours: 0 keeps nothing
+            if keep_seconds <= 0 or now - superseded >= keep_seconds:
+                shutil.rmtree(version, ignore_errors=True)
+                continue
+        kept.append(version)
+    used: set[str] = set()
+    for version in kept:
+        try:
+            used.update(json.loads((version / _MANIFEST).read_text()).get("segments", ()))
+        except (OSError, ValueError):
+            return  # what it uses is unknown: remove no segment
+    for seg in (path / _SEGMENTS_DIR).glob("s[0-9]*"):
+        if seg.name not in used and seg.is_dir():
+            shutil.rmtree(seg, ignore_errors=True)
 
 
 def _deepening(search: Callable[[int], list[tuple[int, float]]], n: int,

@@ -152,7 +152,11 @@ class Worker:
                              "kind": kind}
         if os.getppid() != self.parent:  # orphaned (no PR_SET_PDEATHSIG here): write nothing
             raise RuntimeError("the server is gone")
-        version = index.save(store_dir).name
+        # the server holds the store's index lock for this job; replicas sharing the store
+        # may still read the version this one supersedes
+        from retrieval.index import KEEP_SUPERSEDED_SECONDS
+
+        version = index.save(store_dir, keep_seconds=KEEP_SUPERSEDED_SECONDS).name
         return {"version": version, "files": files, "removed": gone, "pages": pages,
                 "passages": passages, "seconds": time.perf_counter() - t0}
 

@@ -164,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError, NeuronUnavailableError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError, NeuronUnavailableError,
+            TimeoutError) as e:  # TimeoutError: another writer held an index's lock too long
         print(f"ragserve: error: {e}", file=sys.stderr)
         return 2
 

@@ -109,6 +109,7 @@ class ServerConfig:
     cache_dir: Path | None = None
     log_level: str = "info"
     index: Path | None = None
+    index_refresh_seconds: float = 10.0  # 0: never look for a newer version
     retriever_model: str | None = None
     rag_top_k: int = 5
     rag_answer_tokens: int = 256
@@ -194,6 +195,9 @@ class ServerConfig:
                  f"must be one of {GROUNDING_MODES}, got {self.grounding!r}")
         _require(-1.0 <= self.grounding_threshold <= 1.0, "--grounding-threshold",
                  f"must be in -1..1 (a cosine), got {self.grounding_threshold}")
+        _require(math.isfinite(self.index_refresh_seconds) and self.index_refresh_seconds >= 0,
+                 "--index-refresh-seconds", f"must be >= 0 seconds (0: never), got "
+                 f"{self.index_refresh_seconds}")
         _require(self.index is None or self.index.is_dir(), "--index",
                  f"{self.index} is not a directory (build one with `ragserve index build`)")
         _require(self.tool_call_parser in (None, *TOOL_CALL_PARSERS), "--tool-call-parser",
@@ -399,7 +403,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("retrieval-augmented generation")
     r.add_argument("--index", type=Path, default=d.index,
                    help="a `ragserve index build` directory: enables /v1/retrieve and `rag` in "
-                        "chat requests (loaded once at start; /ready waits for it)")
+                        "chat requests (loaded at start; /ready waits for it)")
+    r.add_argument("--index-refresh-seconds", type=float, default=d.index_refresh_seconds,
+                   help="how often the server looks for index versions other writers published "
+                        "(`ragserve index add` on --index, another replica's ingestion on a "
+                        "--store-dir they share) and swaps them in whole; 0: never")
     r.add_argument("--retriever-model", default=d.retriever_model,
                    help="HF_ColBERT checkpoint dir or hub id (default: the encoder the index "
                         "was built with)")

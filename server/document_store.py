@@ -7,11 +7,24 @@ Under ``--store-dir`` (default ``<cache dir>/store``)::
     blobs/ab/abcdef...         file contents by sha256 (written to a temporary name, fsynced,
                                renamed: a blob either exists whole or not at all)
     vector_stores/vs_.../      each store's index (``retrieval.index``: versions, segments)
+    .writer.lock               the writer lock (``retrieval.writer_lock``): every write
+                               transaction holds it, so writers on several machines take turns
+    locks/vs_....lock          each store's index lock, held by the one ingestion job writing it
 
 Acknowledged means durable: an upload is answered only after its blob is fsynced and its row
-committed (SQLite in WAL mode, ``synchronous=FULL``), and the same holds for a file added to a
-store. The ingestion queue is the database itself: a store's file whose status is
-``in_progress`` is work to do, so a server killed with ``kill -9`` picks it up again at start.
+committed (``synchronous=FULL``), and the same holds for a file added to a store. The ingestion
+queue is the database itself: a store's file whose status is ``in_progress`` is work to do, so a
+server killed with ``kill -9`` picks it up again at start (or another server sharing the
+directory does).
+
+Several servers may share the directory (replicas on one ReadWriteMany volume, docs/deployment.md).
+Every write transaction runs under ``.writer.lock``, so SQLite's own locking never has to
+arbitrate between writers of different machines. SQLite is in WAL mode on a local file system
+(readers never wait for the writer) and in rollback-journal mode on a network one: WAL's index
+lives in shared memory, which machines do not share, and SQLite's documentation says WAL does not
+work over a network file system. In rollback mode a reader takes SQLite's POSIX read lock, which
+NFSv4 implements, and each transaction sees the last commit of any server (SQLite checks the
+file's change counter when a read begins), so readers need no reopening.
 
 Names from clients never touch the filesystem: blobs are named by their hash, stores by their
 generated id; a filename is sanitized (:func:`clean_filename`) and kept only as a column.
@@ -19,6 +32,7 @@ generated id; a filename is sanitized (:func:`clean_filename`) and kept only as 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -36,6 +50,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from retrieval.index import fsync_dir
+from retrieval.writer_lock import LockTimeout, WriterLock, network_filesystem
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -65,15 +80,23 @@ CREATE TABLE IF NOT EXISTS index_ops (
 """
 
 STATUSES = ("in_progress", "completed", "failed", "cancelled")
+#: how long a write waits for another server's transaction before it is a 503
+LOCK_SECONDS = 30.0
+#: an upload's temporary blob untouched this long was left by a killed server (a live upload
+#: on another replica writes to its own temporary file all along)
+STALE_UPLOAD_SECONDS = 3600.0
 
 
 class StoreError(ValueError):
-    """A request the store refuses: ``status`` is the HTTP status, ``param`` the field."""
+    """A request the store refuses: ``status`` is the HTTP status, ``param`` the field;
+    ``retry_seconds``: when the client may try again (a busy store), None if waiting will not
+    help."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, retry_seconds: float | None = None) -> None:
         super().__init__(message)
         self.status, self.param, self.code = status, param, code
+        self.retry_seconds = retry_seconds
 
 
 def not_found(kind: str, ident: str, param: str) -> StoreError:
@@ -161,28 +184,60 @@ class DocumentStore:
     """The database and the blobs. Every method is safe from any thread (one connection, one
     lock: each call is a short transaction)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, network: bool | None = None) -> None:
+        """``network``: whether other machines share ``root`` (None: from the mount table)."""
         self.root = Path(root)
         self.blobs = self.root / "blobs"
         self.stores_dir = self.root / "vector_stores"
-        for d in (self.root, self.blobs, self.stores_dir):
+        self.locks_dir = self.root / "locks"
+        for d in (self.root, self.blobs, self.stores_dir, self.locks_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self.filesystem = network_filesystem(self.root)
+        self.network = self.filesystem is not None if network is None else network
+        self.writer = WriterLock(self.root / ".writer.lock")
         self._lock = threading.Lock()
+        self._commits = 0
         self._db = sqlite3.connect(self.root / "documents.sqlite3", check_same_thread=False,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+                                   isolation_level=None, timeout=LOCK_SECONDS)
+        with self._writing():
+            self._db.execute(f"PRAGMA journal_mode={'DELETE' if self.network else 'WAL'}")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        cutoff = time.time() - STALE_UPLOAD_SECONDS
         for stale in self.blobs.glob(".tmp-*"):  # an upload killed mid-write
-            stale.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                if stale.stat().st_mtime < cutoff:
+                    stale.unlink()
+
+    @property
+    def journal_mode(self) -> str:
+        return self._query("PRAGMA journal_mode")[0][0]
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self.writer.close()
+
+    def store_lock(self, store_id: str) -> WriterLock:
+        """The lock of one store's index: the ingestion job writing it holds it (a new object
+        each call: keep one per store and process, see ``retrieval.writer_lock``)."""
+        return WriterLock(self.locks_dir / f"{store_id}.lock")
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """The store directory's writer lock, or a 503 naming who holds it."""
+        try:
+            with self.writer.hold(LOCK_SECONDS):
+                yield
+        except LockTimeout as e:
+            raise StoreError(503, f"the store is busy: another server's write held its lock "
+                                  f"for {e.seconds:g} s ({e.holder}); try again",
+                             code="store_busy", retry_seconds=1.0) from None
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        # the file lock first: while it waits for another server, reads here go on
+        with self._writing(), self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -190,6 +245,14 @@ class DocumentStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            self._commits += 1
+
+    def version(self) -> tuple[int, int]:
+        """Changes once any server commits: this one's commits and SQLite's ``data_version``
+        (which moves when another connection, of this process or another, commits)."""
+        with self._lock:
+            (data_version,) = self._db.execute("PRAGMA data_version").fetchone()
+            return self._commits, int(data_version)
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
@@ -258,6 +321,11 @@ class DocumentStore:
                     raise StoreError(413, f"the upload would pass --max-stored-bytes "
                                           f"({max_bytes} bytes; {total} in use): delete files "
                                           "first", "file", "quota_exceeded")
+                if not self.blob_path(sha).is_file():  # a delete of a file with the same
+                    # bytes (on any server) took the blob between its write and this row
+                    raise StoreError(503, "the upload's content was removed by a concurrent "
+                                          "delete of a file with the same content: upload it "
+                                          "again", "file", "upload_conflict", retry_seconds=1.0)
                 db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                            (row.id, row.filename, row.purpose, row.bytes, row.sha256, row.kind,
                             row.created_at, row.expires_at))
@@ -470,10 +538,15 @@ class DocumentStore:
 
     # -- the ingestion queue ---------------------------------------------------------------
 
-    def pending(self, exclude: set[tuple[str, str]], limit: int) -> list[StoreFileRow]:
-        """The oldest ``in_progress`` store files not in ``exclude`` (those in flight)."""
-        rows = self._query("SELECT * FROM store_files WHERE status = 'in_progress' "
-                           "ORDER BY seq LIMIT ?", (limit + len(exclude),))
+    def pending(self, exclude: set[tuple[str, str]], limit: int,
+                store_id: str | None = None) -> list[StoreFileRow]:
+        """The oldest ``in_progress`` store files not in ``exclude`` (those in flight), of
+        every store or of ``store_id``."""
+        where, args = "status = 'in_progress'", ()
+        if store_id is not None:
+            where, args = where + " AND store_id = ?", (store_id,)
+        rows = self._query(f"SELECT * FROM store_files WHERE {where} ORDER BY seq LIMIT ?",
+                           (*args, limit + len(exclude)))
         out = [_store_file_row(r) for r in rows]
         return [r for r in out if (r.store_id, r.file_id) not in exclude][:limit]
 

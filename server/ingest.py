@@ -4,10 +4,16 @@
 Each dispatcher owns one worker process (``--ingest-workers``, default 1) and loops: apply the
 pending index operations (a file taken out of a store, a store deleted), then take the oldest
 ``in_progress`` files of one store (up to ``JOB_FILES`` files or ``JOB_BYTES`` bytes, so that
-many small files cost one index save, not one each) and send them as one job. A store is
-written by one dispatcher at a time. The worker saves a new index version; the server loads it
-(``on_version``) and only then marks the files ``completed``, so a file is ``completed`` once a
-search can find it.
+many small files cost one index save, not one each) and send them as one job. The worker saves
+a new index version; the server loads it (``on_version``) and only then marks the files
+``completed``, so a file is ``completed`` once a search can find it.
+
+A store is written by one dispatcher at a time, of all the servers sharing the store directory:
+a job holds the store's index lock (``DocumentStore.store_lock``) from before it reads the
+store's queue again until its files are finished, and a dispatcher passes over a store whose
+lock another server holds. A server killed mid-job drops the lock with its life (the kernel
+releases POSIX locks; its worker dies with it, ``PR_SET_PDEATHSIG``); its files are still
+``in_progress``, and the next dispatcher of any server takes them.
 
 A job that spends more than ``--ingest-timeout`` seconds of CPU (waiting for the CPU while
 serving is busy does not count, up to ``WALL_FACTOR`` times the timeout) or kills its worker is
@@ -27,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from retrieval.writer_lock import WriterLock
 from server.document_store import DocumentStore, StoreFileRow
 
 log = logging.getLogger("ragserve.ingest")
@@ -150,6 +157,7 @@ class Ingestor:
         self._solo: set[tuple[str, str]] = set()  # files to retry alone
         self._threads: list[threading.Thread] = []
         self._procs: list[_Process | None] = []
+        self._store_locks: dict[str, WriterLock] = {}  # one per store (POSIX locks: per process)
 
     def start(self) -> None:
         for n in range(self.settings.workers):
@@ -168,6 +176,10 @@ class Ingestor:
         for proc in self._procs:
             if proc is not None:
                 proc.stop()
+        with self._lock:
+            locks, self._store_locks = list(self._store_locks.values()), {}
+        for lock in locks:
+            lock.close()  # (not one a dispatcher still finishing a job holds)
 
     def wake(self) -> None:
         """There is new work (a file added, removed, a store deleted)."""
@@ -198,21 +210,25 @@ class Ingestor:
                         self._wake.wait(1.0)
 
     def _step(self, n: int) -> bool:
-        """One job, if there is work for a store no other dispatcher holds."""
+        """One job, if there is work for a store no other dispatcher (of any server) holds."""
         ops = self.docs.pending_ops()
         pending = self.docs.pending(set(self._in_flight), 4 * JOB_FILES)
-        with self._lock:
-            store = next((s for s in [*(o.store_id for o in ops),
-                                      *(r.store_id for r in pending)]
-                          if s not in self._busy), None)
-            if store is None:
-                return False
-            self._busy.add(store)
+        claimed = self._claim([*(o.store_id for o in ops), *(r.store_id for r in pending)])
+        if claimed is None:
+            return False
+        store, lock = claimed
+        dropped = False
         try:
-            store_ops = [o for o in ops if o.store_id == store]
+            # read again under the lock: another server may have done this work meanwhile
+            store_ops = [o for o in self.docs.pending_ops() if o.store_id == store]
             if any(o.op == "drop" for o in store_ops):
                 self._drop(n, store, store_ops)
+                lock.path.unlink(missing_ok=True)  # ids are never reused: nobody waits on it
+                dropped = True
                 self.on_change()
+                return True
+            pending = self.docs.pending(set(self._in_flight), 4 * JOB_FILES, store)
+            if not pending and not store_ops:
                 return True
             files = self._take(store, pending)
             with self._lock:
@@ -225,8 +241,33 @@ class Ingestor:
                     self._in_flight.difference_update((f.store_id, f.file_id) for f in files)
             return True
         finally:
+            lock.release()
             with self._lock:
                 self._busy.discard(store)
+                if dropped:
+                    self._store_locks.pop(store, None)
+            if dropped:
+                lock.close()
+
+    def _claim(self, stores: list[str]) -> tuple[str, WriterLock] | None:
+        """The first of ``stores`` that no dispatcher here is writing and whose index lock no
+        other server holds, with that lock taken; None if there is none."""
+        for store in dict.fromkeys(stores):
+            with self._lock:
+                if store in self._busy:
+                    continue
+                self._busy.add(store)
+                lock = self._store_locks.get(store)
+                if lock is None:
+                    lock = self._store_locks[store] = self.docs.store_lock(store)
+            try:
+                if lock.acquire(timeout=0):
+                    return store, lock
+            except OSError:
+                log.exception("store %s: its index lock could not be taken", store)
+            with self._lock:
+                self._busy.discard(store)
+        return None
 
     def _take(self, store: str, pending: list[StoreFileRow]) -> list[StoreFileRow]:
         rows = [r for r in pending if r.store_id == store]

@@ -157,6 +157,24 @@ class RAGService:
                  path, self.load_seconds, len(self.index), len(self.index.doc_ids),
                  self.index.backend.name)
 
+    def refresh(self) -> bool:
+        """Swap in the --index's current version if a writer (``ragserve index add``) published
+        a newer one than the loaded one: loaded whole first, then one assignment, so a search
+        runs on the old version or the new one. True if it swapped."""
+        from retrieval.index import PassageIndex, current_name
+
+        index = self.index
+        if index is None or current_name(self.config.index) in (None, index.version):
+            return False
+        t0 = time.perf_counter()
+        new = PassageIndex.load(self.config.index, index.encoder)
+        new.lexical  # noqa: B018 - BM25 ready before the swap, not on the first search
+        self.index = new
+        log.info("index %s: version %s (%d passages from %d documents) swapped in for %s in "
+                 "%.1fs", self.config.index, new.version, len(new), len(new.doc_ids),
+                 index.version, time.perf_counter() - t0)
+        return True
+
     def encoder(self) -> ColBERTEncoder:
         """The retriever's encoder: the --index's once it is loaded (a 503 before); without
         --index, --retriever-model or the offline default, loaded on first use (call it on the

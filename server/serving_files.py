@@ -18,7 +18,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from server.document_store import FileRow, StoreError
-from server.errors import APIError, bad_request
+from server.errors import APIError, bad_request, retry_after
 from server.protocol_vector_stores import PURPOSES, FileDeleted, FileList, FileObject
 
 if TYPE_CHECKING:
@@ -38,7 +38,8 @@ def file_object(row: FileRow) -> FileObject:
 
 
 def _store_error(e: StoreError) -> APIError:
-    return APIError(e.status, str(e), param=e.param, code=e.code)
+    return APIError(e.status, str(e), param=e.param, code=e.code,
+                    headers=retry_after(e.retry_seconds))
 
 
 class ServingFiles:
@@ -49,7 +50,6 @@ class ServingFiles:
     async def upload(self, request: Request) -> FileObject:
         from retrieval.documents import DocumentError, sniff
 
-        self.stores.check_writable()
         kind = request.headers.get("content-type", "")
         if not kind.lower().startswith("multipart/form-data"):
             raise APIError(415, f"Content-Type {kind!r} is not supported: upload a file as "
@@ -143,7 +143,6 @@ class ServingFiles:
                             filename=row.filename)
 
     def delete(self, file_id: str) -> FileDeleted:
-        self.stores.check_writable()
         try:
             self.stores.docs.delete_file(file_id)
         except StoreError as e:

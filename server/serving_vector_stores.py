@@ -22,7 +22,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from server.document_store import StoreError, StoreFileRow, StoreRow, new_id
-from server.errors import APIError, bad_request
+from server.errors import APIError, bad_request, retry_after
 from server.protocol_vector_stores import (
     ChunkingOut,
     FileBatchCreateRequest,
@@ -93,7 +93,8 @@ def attributes(p: Passage, number: int | None = None,
 
 
 def _error(e: StoreError) -> APIError:
-    return APIError(e.status, str(e), param=e.param, code=e.code)
+    return APIError(e.status, str(e), param=e.param, code=e.code,
+                    headers=retry_after(e.retry_seconds))
 
 
 class ServingVectorStores:
@@ -133,7 +134,6 @@ class ServingVectorStores:
     def _writable(self, store_id: str) -> StoreRow:
         if self._is_index(store_id):
             raise self._read_only(store_id)
-        self.stores.check_writable()
         row = self._row(store_id)
         if row.expired():
             raise APIError(400, f"vector store {store_id!r} expired at {row.expires_at} "
@@ -161,7 +161,6 @@ class ServingVectorStores:
     # -- stores ----------------------------------------------------------------------------
 
     def create(self, req: VectorStoreCreateRequest) -> VectorStore:
-        self.stores.check_writable()
         chunking = self._chunking(req.chunking_strategy)
         if len(req.file_ids) > self.config.max_batch_files:
             raise bad_request(f"file_ids holds {len(req.file_ids)} files, more than "
@@ -216,7 +215,6 @@ class ServingVectorStores:
     def delete(self, store_id: str) -> VectorStoreDeleted:
         if self._is_index(store_id):
             raise self._read_only(store_id)
-        self.stores.check_writable()
         try:
             self.docs.delete_store(store_id)
         except StoreError as e:
@@ -322,7 +320,6 @@ class ServingVectorStores:
     def remove_file(self, store_id: str, fid: str) -> VectorStoreFileDeleted:
         if self._is_index(store_id):
             raise self._read_only(store_id)
-        self.stores.check_writable()
         try:
             self.docs.remove_from_store(store_id, fid)
         except StoreError as e:

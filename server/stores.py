@@ -8,11 +8,17 @@ assignment, so a search runs on the old version or the new one, never on half of
 A search sees the passages of the store's ``completed`` files only, filtered by their
 ``attributes``: a file taken out of a store stops matching at once, before the worker has
 written the version without it.
+
+Several servers may share the store directory (replicas on one ReadWriteMany volume). Each
+writes it: the database's transactions take the directory's writer lock, an ingestion job the
+store's index lock (``server.ingest``). Each reads what the others wrote: the database at once
+(the attribute maps are cached until any server commits), the index versions within
+``--index-refresh-seconds`` (a thread compares each loaded version with ``CURRENT``, loads a newer
+one whole and swaps it in; the ``--index`` too, which ``ragserve index add`` may write).
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import threading
@@ -20,7 +26,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server.document_store import DocumentStore
+from server.document_store import DocumentStore, StoreError
 from server.ingest import Ingestor, IngestSettings
 
 if TYPE_CHECKING:
@@ -54,11 +60,10 @@ class Stores:
         self.rag = rag
         self.metrics = metrics
         self.docs = DocumentStore(config.store_dir or default_store_dir(cache))
-        self.held_by: str | None = self._lock_dir()
         self._touched: dict[str, float] = {}
         self._indexes: dict[str, PassageIndex] = {}
         self._load_lock = threading.Lock()
-        self._files: dict[str, tuple[int, dict[str, dict[str, Any]]]] = {}
+        self._files: dict[str, tuple[tuple[int, ...], dict[str, dict[str, Any]]]] = {}
         self._generation = 0
         self.ingestor = Ingestor(
             self.docs, IngestSettings(encoder_name=self._encoder_name(), cache_dir=str(cache),
@@ -68,7 +73,7 @@ class Stores:
                                       max_chars=config.max_document_chars),
             on_version=self._loaded, on_drop=self._dropped, observe=self._observe,
             on_change=self._bump)
-        self._sweeper: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
 
     def _encoder_name(self) -> str | None:
@@ -79,53 +84,37 @@ class Stores:
 
         return read_manifest(self.config.index)["encoder"]["name"]
 
-    def _lock_dir(self) -> str | None:
-        """Take the store directory's writer lock; None, or who holds it. Until replicas share
-        one directory (a writer lock per store), one server writes it and any other reads."""
-        self._lock_file = open(self.docs.root / ".writer.lock", "a+")  # noqa: SIM115
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock_file.seek(0)
-            return self._lock_file.read().strip() or "another server"
-        self._lock_file.seek(0)
-        self._lock_file.truncate()
-        self._lock_file.write(f"pid {os.getpid()}")
-        self._lock_file.flush()
-        return None
-
-    def check_writable(self) -> None:
-        if self.held_by is not None:
-            from server.errors import APIError
-
-            raise APIError(503, f"the store directory {self.docs.root} is written by "
-                                f"{self.held_by}: this server can only read it",
-                           code="store_read_only")
-
     def touch(self, store_id: str) -> None:
         now = time.monotonic()
-        if self.held_by is None and now - self._touched.get(store_id, -TOUCH_SECONDS) \
-                >= TOUCH_SECONDS:
+        if now - self._touched.get(store_id, -TOUCH_SECONDS) >= TOUCH_SECONDS:
             self._touched[store_id] = now
-            self.docs.touch(store_id)
+            try:
+                self.docs.touch(store_id)
+            except StoreError as e:  # a busy store: the anchor moves on the next use
+                log.warning("store %s: last_active_at not written: %s", store_id, e)
 
     def start(self) -> None:
-        if self.held_by is not None:
-            log.warning("store directory %s is held by %s: files and vector stores are "
-                        "read-only on this server", self.docs.root, self.held_by)
-            return
+        log.info("store directory %s: SQLite in %s mode (%s), index versions looked for every "
+                 "%s", self.docs.root, self.docs.journal_mode,
+                 f"on {self.docs.filesystem}" if self.docs.filesystem else "a local file system",
+                 f"{self.config.index_refresh_seconds:g} s" if self.config.index_refresh_seconds
+                 else "never (--index-refresh-seconds 0)")
         self.ingestor.start()
         if self.docs.pending(set(), 1) or self.docs.pending_ops():
             log.info("resuming ingestion: %d files in progress",
                      self.docs.status_counts()["in_progress"])
-        self._sweeper = threading.Thread(target=self._sweep, name="ragserve-store-sweep",
-                                         daemon=True)
-        self._sweeper.start()
+        loops = [(self._sweep, "ragserve-store-sweep")]
+        if self.config.index_refresh_seconds > 0:
+            loops.append((self._refresh_loop, "ragserve-index-refresh"))
+        for target, name in loops:
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stop.set()  # the sweep and refresh threads end at their next wake-up
         self.ingestor.stop()
-        self._lock_file.close()  # releases the lock
+        self.docs.writer.close()  # its descriptor (a write after this opens it again)
 
     def changed(self) -> None:
         """A store's files changed: forget the cached attribute maps, wake the ingestion."""
@@ -157,21 +146,25 @@ class Stores:
         index = PassageIndex.load(self.docs.store_path(store_id), self.rag.encoder())
         index.lexical  # noqa: B018 - BM25 ready before the swap, not on the first search
         with self._load_lock:
-            self._indexes[store_id] = index
+            held = self._indexes.get(store_id)
+            # the ingestion thread and the refresh thread both load: the newer one stays
+            if held is None or _number(index.version) >= _number(held.version):
+                self._indexes[store_id] = index
 
     def _dropped(self, store_id: str) -> None:
         with self._load_lock:
             self._indexes.pop(store_id, None)
 
     def searchable(self, store_id: str) -> dict[str, dict[str, Any]]:
-        """file id -> attributes of the store's ``completed`` files (cached until a change)."""
+        """file id -> attributes of the store's ``completed`` files (cached until a change here
+        or a commit of any server sharing the database)."""
+        key = (self._generation, *self.docs.version())
         cached = self._files.get(store_id)
-        if cached is not None and cached[0] == self._generation:
+        if cached is not None and cached[0] == key:
             return cached[1]
-        generation = self._generation
         files = {r.file_id: r.attributes
                  for r in self.docs.store_files(store_id, status="completed")}
-        self._files[store_id] = (generation, files)
+        self._files[store_id] = (key, files)
         return files
 
     def search(self, store_id: str, query: str, k: int, mode: str | None = None,
@@ -200,6 +193,44 @@ class Stores:
                 out[f] = f
         return out
 
+    # -- what other writers published --------------------------------------------------------
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.config.index_refresh_seconds):
+            try:
+                self.refresh()
+            except Exception:  # never let the loop die: the next round tries again
+                log.exception("looking for new index versions failed")
+
+    def refresh(self) -> list[str]:
+        """Swap in the index versions published since they were loaded (by another server
+        sharing the store directory, or ``ragserve index add`` on ``--index``); forget the
+        stores another server deleted. What changed: store ids, and ``--index``."""
+        from retrieval.index import current_name
+
+        changed = []
+        try:
+            if self.rag.refresh():
+                changed.append("--index")
+        except Exception:  # the old version keeps serving
+            log.exception("the new version of --index %s did not load", self.config.index)
+        for store_id, index in list(self._indexes.items()):
+            current = current_name(self.docs.store_path(store_id))
+            if current == index.version:
+                continue
+            if current is None:  # deleted by another server
+                self._dropped(store_id)
+            else:
+                try:
+                    self._loaded(store_id, current)
+                except Exception:  # the old version keeps serving; the next round tries again
+                    log.exception("store %s: version %s did not load", store_id, current)
+                    continue
+                log.info("store %s: version %s swapped in for %s", store_id, current,
+                         index.version)
+            changed.append(store_id)
+        return changed
+
     # -- housekeeping ----------------------------------------------------------------------
 
     def _sweep(self) -> None:
@@ -226,3 +257,8 @@ class Stores:
     def _observe(self, seconds: float, files: int) -> None:
         if self.metrics is not None:
             self.metrics.observe_ingest(seconds, files)
+
+
+def _number(version: str | None) -> int:
+    """``v000012`` -> 12 (-1 for none): versions are numbered in the order they were written."""
+    return int(version[1:]) if version else -1

@@ -35,6 +35,10 @@ OVERLAYS = {"cpu": ("cpu",), "inf2": ("neuron-vllm", "neuron"), "gpu": ("cuda",)
 # kubernetes-validate bundles: an API removed or changed in between fails one of them.
 K8S_VERSIONS = ("1.32", "1.37")
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CLAIM = "PersistentVolumeClaim"
+# overlay -> its claims: the store every replica shares, and inf2's compiled-graph cache
+CLAIMS = {"cpu": {"ragserve-store"}, "gpu": {"ragserve-store"},
+          "inf2": {"ragserve-store", "ragserve-neuron-cache"}}
 HPA_METRIC = "vllm:num_requests_waiting"
 SECRET_EXAMPLE = K8S / "secret.example.yaml"
 ADAPTER_RULES = K8S / "prometheus-adapter-rules.yaml"
@@ -131,11 +135,17 @@ def containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def rendered(overlay: str) -> dict[str, dict[str, Any]]:
-    """The overlay's objects by kind (one of each kind here)."""
-    objects = build(K8S / "overlays" / overlay)
+    """The overlay's objects by kind (one of each kind here), less the claims (claims())."""
+    objects = [o for o in build(K8S / "overlays" / overlay) if o["kind"] != CLAIM]
     by_kind = {o["kind"]: o for o in objects}
     assert len(by_kind) == len(objects), "two objects of one kind"
     return by_kind
+
+
+def claims(overlay: str) -> dict[str, dict[str, Any]]:
+    """The overlay's PersistentVolumeClaims by name."""
+    return {o["metadata"]["name"]: o for o in build(K8S / "overlays" / overlay)
+            if o["kind"] == CLAIM}
 
 
 def server_container(overlay: str) -> dict[str, Any]:
@@ -231,9 +241,11 @@ def test_builtin_objects_validate_against_the_kubernetes_schema(overlay: str, ve
 def test_overlay_renders_the_expected_objects(overlay: str):
     objects = rendered(overlay)
     expected = {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
-                "ServiceMonitor"} | ({"PersistentVolumeClaim"} if overlay == "inf2" else set())
+                "ServiceMonitor"}
     assert set(objects) == expected
-    assert {o["metadata"]["namespace"] for o in objects.values()} == {"ragserve"}
+    assert set(claims(overlay)) == CLAIMS[overlay]
+    assert {o["metadata"]["namespace"] for o in [*objects.values(), *claims(overlay).values()]
+            } == {"ragserve"}
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
@@ -356,10 +368,33 @@ def test_volumes_have_one_source_and_every_mount_a_volume(overlay: str):
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     assert set(mounts.values()) <= set(volumes)
     assert mounts[plain_env(c)["RAGSERVE_CACHE_DIR"]] == "cache"
-    for v in spec["volumes"]:
-        if "persistentVolumeClaim" in v:
-            claim = objects["PersistentVolumeClaim"]["metadata"]["name"]
-            assert v["persistentVolumeClaim"]["claimName"] == claim
+    used = {v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]
+            if "persistentVolumeClaim" in v}
+    assert used == set(claims(overlay))  # every claim mounted, every mounted claim rendered
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_replicas_share_one_store_on_a_read_write_many_claim(overlay: str):
+    from retrieval.index import KEEP_SUPERSEDED_SECONDS
+
+    spec = rendered(overlay)["Deployment"]["spec"]["template"]["spec"]
+    c = server_container(overlay)
+    env = plain_env(c)
+    config = config_from_args([], {**image_env(OVERLAYS[overlay][0]), **env,
+                                   "RAGSERVE_API_KEY": "from-the-secret"})
+    store_dir = str(config.store_dir)
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == store_dir]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    claim = claims(overlay)[volume["persistentVolumeClaim"]["claimName"]]
+    # pods on several nodes mount it at once; EFS speaks NFSv4.1, whose locks the store takes
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["spec"]["storageClassName"] == "efs-sc"
+    assert not mount.get("readOnly") and not mount.get("subPath")
+    # not under the cache, which is per pod (an emptyDir) in the base
+    assert not store_dir.startswith(env["RAGSERVE_CACHE_DIR"].rstrip("/") + "/")
+    # a pod swaps in another's index version well before the writer removes the old one
+    assert 0 < config.index_refresh_seconds <= KEEP_SUPERSEDED_SECONDS / 4
+    assert rendered(overlay)["HorizontalPodAutoscaler"]["spec"]["maxReplicas"] > 1
 
 
 # -- images and accelerators ---------------------------------------------------------------
@@ -414,7 +449,7 @@ def test_inf2_overlay_keeps_the_compiled_graph_cache_on_a_shared_claim():
     c = server_container("inf2")
     (cache,) = [v for v in objects["Deployment"]["spec"]["template"]["spec"]["volumes"]
                 if v["name"] == "cache"]
-    claim = objects["PersistentVolumeClaim"]
+    claim = claims("inf2")["ragserve-neuron-cache"]
     assert cache["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     cache_dir = plain_env(c)["RAGSERVE_CACHE_DIR"]
     assert {"name": "cache", "mountPath": cache_dir} in c["volumeMounts"]
@@ -488,3 +523,7 @@ def test_deployment_docs_walk_through_kubernetes():
     for path in (SECRET_EXAMPLE, ADAPTER_RULES):
         assert str(path.relative_to(ROOT)) in section
     assert "KEDA" in section and HPA_METRIC in section and "/ping" in section
+    shared = docs.split("### Several replicas: one shared store (EFS)", 1)[1].split("\n## ", 1)[0]
+    for words in ("ReadWriteMany", "efs-sc", "RAGSERVE_STORE_DIR", "--index-refresh-seconds",
+                  "SIGKILL", "fcntl", "SQLite", "docker/k8s/base/store-pvc.yaml"):
+        assert words in shared, words
