@@ -36,8 +36,8 @@ waits are multiplied by how much longer (:meth:`Admission.correction`).
 An admitted request that still has no output when the bound passes while requests wait for a
 slot is ended with an error (:class:`QueueTimeout`), never left silent; one that waits only for
 the prefills ahead of it (a burst onto free slots) is being served and waits on, up to
-:data:`COMPUTE_WAIT_FACTOR` times the bound. A streamed one meanwhile gets SSE comments, so
-that proxies and clients do not time out.
+:data:`COMPUTE_WAIT_FACTOR` times the bound. A streamed one gets SSE comments while requests
+wait for a slot, so that proxies and clients do not time out.
 
 Engine-independent: it reads only ``projected_waiting`` and the outputs the server sees.
 """
