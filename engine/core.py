@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bucketing import BucketConfig
+from engine.memory import bound_onednn_cache
 from engine.output import OutputProcessor, RequestOutput
 from scheduler import (
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
@@ -96,6 +97,7 @@ class Engine:
         if cfg.tp_degree != 1:
             raise ValueError(f"tp_degree is {cfg.tp_degree}, but only device neuron shards a "
                              f"model (device {cfg.device} runs on one device)")
+        bound_onednn_cache()  # before this process's first matmul
 
         import torch
 

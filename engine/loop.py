@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 from engine.client import EngineDead, EngineState, ModelInfo
 from engine.core import Engine, ProgressCallback
+from engine.memory import HeapTrimmer
 from engine.messages import (
     Command,
     EngineStatus,
@@ -100,15 +101,20 @@ class EngineLoop:
         self._set_status(state=EngineState.READY, load_seconds=time.perf_counter() - t0)
         self._flush()
         log.info("engine ready in %.1fs", self._status.load_seconds)
+        trimmer, busy = HeapTrimmer(), False
         while True:
             self._publish_kernels()
             if self._apply_commands():
                 break
             if not engine.has_unfinished():
                 self._flush()
+                if busy:  # the work just ran out: hand back what its steps freed
+                    trimmer.idle()
+                busy = False
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
+            busy = True
             self._step()
             self._flush()
         self._fail_all(EngineDead("the server is shutting down"))
