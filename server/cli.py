@@ -92,7 +92,8 @@ def run_server(config: ServerConfig) -> int:
         return 2
     server = uvicorn.Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level,
-        timeout_graceful_shutdown=config.shutdown_grace_seconds, access_log=False))
+        timeout_graceful_shutdown=config.shutdown_grace_seconds,
+        timeout_keep_alive=config.timeout_keep_alive, access_log=False))
     log.info("serving %s with the %s engine on http://%s:%d (model loads in the background; "
              "/ready says when)", config.model or "the embedded default model", config.engine,
              config.host, config.port)

@@ -104,6 +104,7 @@ class ServerConfig:
     engine_process: bool = True
     max_request_bytes: int = 4 * 2**20
     shutdown_grace_seconds: float = 30.0
+    timeout_keep_alive: float = 65.0
     compile: bool = False
     kernels: str = "auto"
     cache_dir: Path | None = None
@@ -181,6 +182,8 @@ class ServerConfig:
                  f"must be >= 1024, got {self.max_request_bytes}")
         _require(self.shutdown_grace_seconds >= 0, "--shutdown-grace-seconds",
                  f"must be >= 0, got {self.shutdown_grace_seconds}")
+        _require(math.isfinite(self.timeout_keep_alive) and self.timeout_keep_alive > 0,
+                 "--timeout-keep-alive", f"must be > 0 seconds, got {self.timeout_keep_alive}")
         _require(1 <= self.rag_top_k <= 50, "--rag-top-k",
                  f"must be in 1..50, got {self.rag_top_k}")
         _require(self.rag_answer_tokens >= 1, "--rag-answer-tokens",
@@ -374,6 +377,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="request bodies beyond this get 413")
     s.add_argument("--shutdown-grace-seconds", type=float, default=d.shutdown_grace_seconds,
                    help="on SIGTERM, how long in-flight requests may take to finish")
+    s.add_argument("--timeout-keep-alive", type=float, default=d.timeout_keep_alive,
+                   help="seconds an idle HTTP connection stays open; above a load balancer's "
+                        "idle timeout (AWS ALB: 60) and a client's Retry-After, so that a "
+                        "reused connection is not closed under a new request")
     s.add_argument("--log-level", default=d.log_level)
     t = p.add_argument_group("tool calling")
     t.add_argument("--enable-auto-tool-choice", type=_bool, nargs="?", const=True,

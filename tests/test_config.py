@@ -69,6 +69,7 @@ def test_sagemaker_port():
      "--token-generation-buckets means nothing to vLLM on --device cuda"),
     ([], {"RAGSERVE_DEVICE": "tpu"}, "RAGSERVE_DEVICE \\(for --device\\) must be one of"),
     (["--port", "70000"], {}, "--port must be in 1..65535"),
+    (["--timeout-keep-alive", "0"], {}, "--timeout-keep-alive must be > 0 seconds, got 0.0"),
     ([], {"RAGSERVE_CONTEXT_ENCODING_BUCKETS": "a,b"}, "RAGSERVE_CONTEXT_ENCODING_BUCKETS"),
 ])
 def test_errors_name_the_flag(argv, env, message):

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -194,6 +196,34 @@ def test_sse_wire_format(server: str):
     assert all(e.startswith("data: ") for e in events)
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[0][6:])["object"] == "text_completion"
+
+
+def _get_on(sock: socket.socket, path: str) -> int:
+    """Send one GET on ``sock`` and read its whole response; the status (0: the server had
+    closed the connection)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEY}\r\n"
+                 f"\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return 0
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split()[1])
+
+
+def test_an_idle_connection_outlives_a_five_second_retry_after(server: str):
+    # with uvicorn's 5 s default the server closed an idle connection just as a client that
+    # had slept a 5 s Retry-After reused it: a broken read on a request the server never saw
+    url = urlsplit(server)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        assert _get_on(sock, "/v1/models") == 200
+        time.sleep(6)
+        assert _get_on(sock, "/v1/models") == 200  # the same connection, still open
 
 
 @pytest.mark.parametrize(("body", "param", "text"), [
