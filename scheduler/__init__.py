@@ -1,6 +1,8 @@
 """Requests, KV slots and token-level continuous batching. Standard library only."""
 
 from scheduler.outputs import (
+    MIXED,
+    STEP_PHASES,
     KVCopy,
     ModelRunnerOutput,
     NewRequestData,
@@ -30,6 +32,8 @@ from scheduler.step_costs import StepCosts
 
 __all__ = [
     "DEFAULT_MAX_NUM_BATCHED_TOKENS",
+    "MIXED",
+    "STEP_PHASES",
     "FinishReason",
     "GenerationRequest",
     "IterationStats",

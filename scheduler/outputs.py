@@ -7,8 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bucketing import PREFILL, Bucket
+from bucketing import DECODE, PREFILL, Bucket
 from scheduler.request import FinishReason, SamplingParams
+
+#: a step that runs prompts and decode rows together
+MIXED = "mixed"
+#: what a step ran (:attr:`SchedulerOutput.phase`; the ``phase`` label of step metrics)
+STEP_PHASES = (PREFILL, DECODE, MIXED)
 
 
 @dataclass(frozen=True)
@@ -60,8 +65,8 @@ class SchedulerOutput:
 
     @property
     def phase(self) -> str:
-        """``prefill``, ``decode`` or ``mixed``."""
-        return "mixed" if self.decode_rows else self.bucket.phase
+        """One of :data:`STEP_PHASES`."""
+        return MIXED if self.decode_rows else self.bucket.phase
 
     @property
     def is_prefill(self) -> bool:

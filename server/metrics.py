@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from bucketing.histogram import LengthHistogram, length_bounds
 from engine.stats import FinishedRequestStats, StepStats
 from planning.length_histograms import LengthCollector
-from scheduler import FinishReason, SchedulerStats
+from scheduler import STEP_PHASES, FinishReason, SchedulerStats
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -36,8 +36,10 @@ ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
                 5.12, 10.24)
 PASSAGE_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50)
-#: the ``phase`` label of a step (``SchedulerOutput.phase``)
-STEP_PHASES = ("prefill", "decode", "mixed")
+#: the ``kind`` label of ``ragserve_unsupported_citations_total``
+UNSUPPORTED_CITATION_KINDS = ("invalid", "unsupported")
+#: the ``origin`` label of ``ragserve_citations_total``
+CITATION_ORIGINS = ("model", "attributed")
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 
 
@@ -167,9 +169,9 @@ class Metrics(_Series):
         for metric in (self.delivery, self.retrieval_seconds, self.retrieved_passages,
                        self.ingest_seconds, self.ingested_files):
             metric.labels(name)
-        for kind in ("invalid", "unsupported"):
+        for kind in UNSUPPORTED_CITATION_KINDS:
             self.unsupported_citations.labels(name, kind)
-        for origin in ("model", "attributed"):
+        for origin in CITATION_ORIGINS:
             self.citations.labels(name, origin)
 
     def watch_stores(self, stores: Any) -> None:
@@ -194,10 +196,10 @@ class Metrics(_Series):
         attributed."""
         name = self.model_name
         self.retrieved_passages.labels(name).observe(passages_used)
-        self.unsupported_citations.labels(name, "invalid").inc(invalid)
-        self.unsupported_citations.labels(name, "unsupported").inc(unsupported)
-        self.citations.labels(name, "model").inc(model_cited)
-        self.citations.labels(name, "attributed").inc(attributed)
+        for kind, n in zip(UNSUPPORTED_CITATION_KINDS, (invalid, unsupported)):
+            self.unsupported_citations.labels(name, kind).inc(n)
+        for origin, n in zip(CITATION_ORIGINS, (model_cited, attributed)):
+            self.citations.labels(name, origin).inc(n)
 
     def observe_response(self, route: str, status: int) -> None:
         self.http_requests.labels(self.model_name, route, str(status)).inc()
